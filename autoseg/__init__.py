@@ -1,0 +1,3 @@
+"""autoseg: self-configuring segmentation for liver and kidney tumours in CT."""
+
+__version__ = "0.1.0"

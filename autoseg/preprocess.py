@@ -1,0 +1,197 @@
+"""Preprocessing (crop to non-zero, normalise, resample to the plan's spacing) and its exact inverse.
+
+A preprocessed case is four files in ``<preprocessed>/<dataset>/<data_identifier>/`` (axis order C, Z, Y, X):
+``<case>.npy`` float32 image (memory-mappable), ``<case>_seg.npy`` uint8 labels, ``<case>_fg.npz`` up to
+``FG_SAMPLES`` voxel coordinates per label for foreground oversampling, and ``<case>.json`` with the original
+geometry, crop box and spacings. The JSON is written last, so its presence marks a finished case; every file is
+written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .atomic import remove_stale_temporaries, write_json, write_npy, write_npz
+from .dataset_io import Case, Geometry, read_case
+from .errors import AutosegError, DatasetError
+from .fingerprint import nonzero_bbox
+from .parallel import map_cases
+from .resample import resample_array, resample_labels
+
+FG_SAMPLES = 10_000
+
+
+def axis_orders(case_spacing: Sequence[float], target_spacing: Sequence[float], order: int, rules: dict) -> list[int]:
+    """Interpolation order per axis: ``order`` everywhere except the out-of-plane axis of anisotropic data.
+
+    The out-of-plane axis is the coarsest axis of the case (if the case is anisotropic) or else of the target
+    spacing (if that is); there, interpolating across thick slices smears structures, so it gets
+    ``out_of_plane_order`` (nearest by default).
+    """
+    orders = [order] * len(case_spacing)
+    for sp in (case_spacing, target_spacing):
+        if max(sp) / min(sp) > rules["anisotropy_threshold"]:
+            orders[int(np.argmax(sp))] = min(order, rules["out_of_plane_order"])
+            break
+    return orders
+
+
+def normalize(data: np.ndarray, scheme: list[dict[str, Any]]) -> np.ndarray:
+    """Normalise each channel in place according to the plan's entries (CT clip + global z-score, or per-image)."""
+    for entry in scheme:
+        ch = data[entry["channel"]]
+        if entry["scheme"] == "ct":
+            np.clip(ch, entry["clip"][0], entry["clip"][1], out=ch)
+            ch -= entry["mean"]
+            ch /= max(entry["std"], 1e-8)
+        else:
+            mean, std = float(ch.mean(dtype=np.float64)), float(ch.std(dtype=np.float64))
+            ch -= mean
+            ch /= max(std, 1e-8)
+    return data
+
+
+def target_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """Voxel counts after resampling ``shape`` from ``spacing`` to ``target`` (at least one voxel per axis)."""
+    return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target)]
+
+
+def preprocess_case(
+    data: np.ndarray,
+    seg: np.ndarray | None,
+    geometry: Geometry,
+    config: dict[str, Any],
+    normalization: list[dict[str, Any]],
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Crop, normalise and resample one case (pure). Returns image (C,Z,Y,X) float32, labels or None, properties."""
+    if not np.isfinite(data).all():
+        raise ValueError("image holds NaN or Inf values")
+    box = nonzero_bbox(data)
+    sl = tuple(slice(a, b) for a, b in box)
+    data = normalize(np.ascontiguousarray(data[(slice(None),) + sl], dtype=np.float32), normalization)
+    spacing = geometry.spacing_zyx
+    new_shape = target_shape(data.shape[1:], spacing, config["spacing"])
+    rules = config["resampling"]
+    img_orders = axis_orders(spacing, config["spacing"], rules["image_order"], rules)
+    lab_orders = axis_orders(spacing, config["spacing"], rules["label_order"], rules)
+    data = resample_array(data, new_shape, img_orders)
+    props: dict[str, Any] = {
+        "geometry": geometry.to_json(),
+        "crop_box": box,
+        "shape_after_crop": [b - a for a, b in box],
+        "spacing_original": list(spacing),
+        "spacing": list(config["spacing"]),
+        "shape_after_resample": new_shape,
+        "label_orders": lab_orders,
+    }
+    if seg is not None:
+        seg = resample_labels(np.ascontiguousarray(seg[sl]), new_shape, lab_orders)
+        values, counts = np.unique(seg, return_counts=True)
+        props["class_voxels"] = {str(int(v)): int(n) for v, n in zip(values, counts)}
+    return data, seg, props
+
+
+def restore_labels(seg: np.ndarray, props: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
+    """Inverse of ``preprocess_case`` for a label map: resample back, uncrop, return with the original geometry."""
+    geometry = Geometry.from_json(props["geometry"])
+    cropped = resample_labels(seg, props["shape_after_crop"], props["label_orders"])
+    out = np.zeros(geometry.shape, dtype=seg.dtype)
+    out[tuple(slice(a, b) for a, b in props["crop_box"])] = cropped
+    return out, geometry
+
+
+def restore_probabilities(probs: np.ndarray, props: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
+    """Inverse for (C, Z, Y, X) class probabilities: linear resampling back, uncrop (background = 1 outside)."""
+    geometry = Geometry.from_json(props["geometry"])
+    cropped = resample_array(probs, props["shape_after_crop"], props["label_orders"])
+    out = np.zeros((probs.shape[0],) + tuple(geometry.shape), dtype=np.float32)
+    out[0] = 1.0
+    out[(slice(None),) + tuple(slice(a, b) for a, b in props["crop_box"])] = cropped
+    return out, geometry
+
+
+def foreground_locations(seg: np.ndarray, case_id: str, max_per_class: int = FG_SAMPLES) -> dict[str, np.ndarray]:
+    """Up to ``max_per_class`` (z, y, x) coordinates per non-zero label, a seeded sample; uint16 (K, 3) arrays."""
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    flat = seg.reshape(-1)
+    out = {}
+    for v in np.unique(flat):
+        if v == 0:
+            continue
+        idx = np.flatnonzero(flat == v)
+        if idx.size > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        out[f"class_{int(v)}"] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(np.uint16)
+    return out
+
+
+def config_hash(config: dict[str, Any], normalization: list[dict[str, Any]]) -> str:
+    """Identifies the preprocessing a case was made with, so a changed plan reprocesses instead of reusing."""
+    keys = {k: config[k] for k in ("spacing", "resampling")}
+    return hashlib.sha256(json.dumps([keys, normalization], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def case_done(folder: Path, case_id: str, digest: str) -> bool:
+    """True when all four files of a case exist and were made with the current preprocessing."""
+    meta = folder / f"{case_id}.json"
+    if not meta.is_file() or not all((folder / f"{case_id}{s}").is_file() for s in (".npy", "_fg.npz")):
+        return False
+    props = json.loads(meta.read_text())
+    return props.get("preprocessing") == digest and (not props.get("has_label") or (folder / f"{case_id}_seg.npy").is_file())
+
+
+def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) -> str:
+    case, config, normalization, folder, digest = job
+    data, seg, geometry = read_case(case)
+    try:
+        data, seg, props = preprocess_case(data, seg, geometry, config, normalization)
+    except ValueError as e:
+        raise AutosegError(f"case {case.case_id} ({case.images[0]}): {e}") from None
+    folder = Path(folder)
+    write_npy(folder / f"{case.case_id}.npy", data)
+    if seg is not None:
+        write_npy(folder / f"{case.case_id}_seg.npy", seg)
+    write_npz(folder / f"{case.case_id}_fg.npz", foreground_locations(seg, case.case_id) if seg is not None else {})
+    write_json(folder / f"{case.case_id}.json", {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None, **props})
+    return case.case_id
+
+
+def preprocess_dataset(
+    cases: list[Case],
+    plans: dict[str, Any],
+    configurations: Sequence[str],
+    out_root: Path,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Preprocess every case for each data identifier the configurations need; finished cases are skipped.
+
+    Returns, per data identifier, how many cases were processed now. Bad cases do not stop the others; they are
+    all reported together at the end (``DatasetError``).
+    """
+    done: dict[str, int] = {}
+    errors: list[str] = []
+    for name in configurations:
+        config = plans["configurations"][name]
+        ident = config["data_identifier"]
+        if ident in done:
+            continue
+        folder = out_root / ident
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        source = plans["configurations"].get(ident, config)  # 2d reuses the 3d_fullres data
+        digest = config_hash(source, plans["normalization"])
+        todo = [c for c in cases if not case_done(folder, c.case_id, digest)]
+        jobs = [(c, source, plans["normalization"], str(folder), digest) for c in todo]
+        results = map_cases(_case_job, jobs, num_workers, desc=f"preprocess {ident}", progress=progress)
+        errors += [err for _, err in results if err]
+        done[ident] = sum(1 for r, _ in results if r)
+    if errors:
+        raise DatasetError(errors)
+    return done

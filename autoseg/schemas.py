@@ -1,0 +1,33 @@
+"""Validation of fingerprints and plans against the JSON Schemas shipped with the package.
+
+The schemas live in ``autoseg/json_schemas`` (installed with the package); the repository's ``fingerprints/`` and
+``plans/`` folders link to them so reviewers find them next to the golden cases.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from .errors import AutosegError
+
+
+@lru_cache(maxsize=None)
+def _validator(kind: str) -> jsonschema.protocols.Validator:
+    text = resources.files("autoseg").joinpath("json_schemas", f"{kind}.json").read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema)
+
+
+def validate(obj: dict[str, Any], kind: str, source: str = "") -> None:
+    """Raise an ``AutosegError`` listing every schema violation of ``obj`` (``kind``: fingerprint or plans)."""
+    errors = sorted(_validator(kind).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = f"{source}: " if source else ""
+        lines = [f"  - at {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors[:20]]
+        raise AutosegError(f"{where}{kind} does not match its schema (autoseg {kind} schema v1):\n" + "\n".join(lines))
