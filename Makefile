@@ -29,7 +29,7 @@ bench: install
 goldens: install
 	for f in fingerprints/*.json; do \
 		case $$f in *schema.json) continue;; esac; \
-		$(VENV)/bin/autoseg plan -f $$f -o plans/$$(basename $$f); \
+		$(VENV)/bin/autoseg plan --device gpu -f $$f -o plans/$$(basename $$f); \
 	done
 
 clean:

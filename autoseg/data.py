@@ -3,13 +3,14 @@
 Patches are read straight from memory-mapped ``.npy`` files (only the patch region is touched), so cases of any
 size cost no RAM. When augmenting, the sampler reads an enlarged patch (large enough that rotation and scaling
 never look past its edges) and the spatial transform cuts the final patch from its centre. Augmentation uses
-batchgenerators, which draws from NumPy's global random state; each batch seeds it from the loader's own
-generator (and restores it afterwards), so batches are reproducible for a given seed and worker count.
+batchgenerators, which draws from the global NumPy and Python random states; each batch seeds them from the
+loader's own generator (and restores them afterwards), so batches are reproducible for a given seed and worker count.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -232,13 +233,18 @@ def region_targets(seg: np.ndarray, regions: list[list[int]]) -> np.ndarray:
 
 
 def _seeded(transforms: Compose, batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """Run batchgenerators (global NumPy RNG) from ``seed`` without disturbing the caller's global state."""
-    state = np.random.get_state()
+    """Run batchgenerators from ``seed`` without disturbing the caller's global random state.
+
+    It draws from both NumPy's global generator and Python's ``random`` (noise variance, blur sigma).
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
     np.random.seed(seed)
+    random.seed(seed)
     try:
         return transforms(**batch)
     finally:
-        np.random.set_state(state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 class _Batches(IterableDataset):

@@ -115,6 +115,7 @@ class UNet(nn.Module):
             DecoderStage(dims, features[s + 1], features[s], strides[s + 1], kernel_sizes[s], convs_per_stage)
             for s in range(len(features) - 1)
         )
+        self.num_outputs = num_outputs
         self.heads = nn.ModuleList(_OPS[dims][0](features[s], num_outputs, 1) for s in range(len(features) - 1))
         self.apply(_init_he)
 

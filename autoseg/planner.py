@@ -54,6 +54,12 @@ BASE_FEATURES = 32
 MAX_FEATURES = {2: 512, 3: 320}
 MAX_STAGES = {2: 7, 3: 6}
 INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
+# CPU plans are sized by compute, not memory (RAM is plentiful, FLOP/s are not): 8 base features and a patch of
+# about 64**3 voxels keep one 3D training iteration near 1.5 s on 2 cores without AVX-512; 16 features cost 3x
+# (see benchmarks/RESULTS.md).
+CPU_BASE_FEATURES = 8
+CPU_PATCH_VOXELS = {2: 192**2, 3: 64**3}
+CPU_BATCH = {2: 8, 3: 2}
 ACTIVATION_TENSORS = 14
 BYTES_PER_ACTIVATION = 2
 BYTES_PER_PARAMETER = 16
@@ -89,7 +95,7 @@ def fullres_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[floa
     return [_r(v) for v in target], note
 
 
-def topology(spacing: Sequence[float], patch: Sequence[int]) -> dict[str, Any]:
+def topology(spacing: Sequence[float], patch: Sequence[int], base_features: int = BASE_FEATURES) -> dict[str, Any]:
     """Strides and kernels per stage for a patch at a spacing (see module docstring); sizes are not changed here."""
     dims = len(patch)
     cur_spacing = [float(s) for s in spacing]
@@ -110,7 +116,7 @@ def topology(spacing: Sequence[float], patch: Sequence[int]) -> dict[str, Any]:
         cur_spacing = [s * k for s, k in zip(cur_spacing, stride)]
         cur_size = [s // k for s, k in zip(cur_size, stride)]
     total = [int(np.prod([s[a] for s in strides])) for a in range(dims)]
-    features = [min(BASE_FEATURES * 2**i, MAX_FEATURES[dims]) for i in range(len(strides))]
+    features = [min(base_features * 2**i, MAX_FEATURES[dims]) for i in range(len(strides))]
     return {"strides": strides, "kernel_sizes": kernels, "features": features, "divisible_by": total}
 
 
@@ -155,22 +161,30 @@ def fit_configuration(
     budget_gb: float,
     in_channels: int,
     num_classes: int,
+    device: str = "gpu",
 ) -> dict[str, Any]:
-    """Patch, batch and network for one configuration at ``spacing`` (2 or 3 axes), fitted to ``budget_gb``."""
+    """Patch, batch and network for one configuration at ``spacing`` (2 or 3 axes).
+
+    ``device="gpu"``: fitted to ``budget_gb`` of accelerator memory. ``device="cpu"``: sized for compute (fewer
+    features, a ~64**3 patch, a fixed small batch); the memory estimate is still reported.
+    """
     dims = len(spacing)
+    cpu = device == "cpu"
+    base = CPU_BASE_FEATURES if cpu else BASE_FEATURES
     inv = 1.0 / np.array(spacing, dtype=np.float64)
-    patch_f = inv * (INITIAL_PATCH_VOXELS[dims] / np.prod(inv)) ** (1.0 / dims)
+    voxels = (CPU_PATCH_VOXELS if cpu else INITIAL_PATCH_VOXELS)[dims]
+    patch_f = inv * (voxels / np.prod(inv)) ** (1.0 / dims)
     clipped = patch_f >= np.array(median_shape, dtype=np.float64)
     patch_f = np.minimum(patch_f, np.array(median_shape, dtype=np.float64))
-    net = topology(spacing, [max(1, round(p)) for p in patch_f])
+    net = topology(spacing, [max(1, round(p)) for p in patch_f], base)
     # an axis clipped to the median image takes the nearest multiple: rounding up would mostly add padding
     patch = [
         max(d, int(round(p / d)) * d) if c else _round_up(p, d) for p, d, c in zip(patch_f, net["divisible_by"], clipped)
     ]
-    net = topology(spacing, patch)  # the rounded patch may allow one more pooling step than the raw one
+    net = topology(spacing, patch, base)  # the rounded patch may allow one more pooling step than the raw one
     patch = [_round_up(p, d) for p, d in zip(patch, net["divisible_by"])]
     shrinks = 0
-    while estimate_memory_gb(patch, 2, net, in_channels, num_classes) > budget_gb:
+    while not cpu and estimate_memory_gb(patch, 2, net, in_channels, num_classes) > budget_gb:
         ratios = [p / m for p, m in zip(patch, median_shape)]
         ax = int(np.argmax(ratios))
         if patch[ax] <= net["divisible_by"][ax]:
@@ -180,21 +194,26 @@ def fit_configuration(
             ax = max(candidates, key=lambda a: ratios[a])
         patch[ax] -= net["divisible_by"][ax]
         shrinks += 1
-        net = topology(spacing, patch)
+        net = topology(spacing, patch, base)
         patch = [_round_up(p, d) for p, d in zip(patch, net["divisible_by"])]
     per_sample = estimate_memory_gb(patch, 1, net, in_channels, num_classes) - estimate_memory_gb(
         patch, 0, net, in_channels, num_classes
     )
     fixed = estimate_memory_gb(patch, 0, net, in_channels, num_classes)
-    batch_budget = max(2, int((budget_gb - fixed) / per_sample)) if per_sample > 0 else 2
+    if cpu:
+        batch_budget = CPU_BATCH[dims]
+    else:
+        batch_budget = max(2, int((budget_gb - fixed) / per_sample)) if per_sample > 0 else 2
     batch_cap = max(2, int(MAX_BATCH_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
     batch = min(batch_budget, batch_cap)
     mem = estimate_memory_gb(patch, batch, net, in_channels, num_classes)
     notes = [
         f"patch {patch} at spacing {list(spacing)} covers {_r(np.prod(patch) / np.prod(median_shape) * 100)}% of "
-        f"the median image {[round(m) for m in median_shape]}; shrunk {shrinks} time(s) to fit {budget_gb:g} GB",
+        f"the median image {[round(m) for m in median_shape]}; "
+        + ("sized for CPU compute" if cpu else f"shrunk {shrinks} time(s) to fit {budget_gb:g} GB"),
         f"{len(net['strides'])} stages, strides {net['strides']}, features {net['features']}",
-        f"batch {batch}: memory allows {batch_budget}, 5% of the dataset's voxels allows {batch_cap}; "
+        f"batch {batch}: {'the CPU preset' if cpu else 'memory'} allows {batch_budget}, 5% of the dataset's voxels "
+        f"allows {batch_cap}; "
         f"estimated training memory {_r(mem)} GB",
     ]
     return {
@@ -244,8 +263,14 @@ def _median_shape_at(fp: dict[str, Any], spacing: Sequence[float]) -> list[float
     return [_r(v) for v in np.percentile(shapes * spacings / np.array(spacing), 50, axis=0)]
 
 
-def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0) -> dict[str, Any]:
-    """Plans for ``2d``, ``3d_fullres`` and, when needed, ``3d_lowres`` from a fingerprint (pure, deterministic)."""
+def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0, device: str = "gpu") -> dict[str, Any]:
+    """Plans for ``2d``, ``3d_fullres`` and, when needed, ``3d_lowres`` from a fingerprint (pure, deterministic).
+
+    ``device`` is what training will run on: ``gpu`` fits patch and batch to ``gpu_memory_gb``; ``cpu`` sizes
+    the network for compute so training is practical without an accelerator.
+    """
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
     fp = fingerprint
     spacings = np.array([c["spacing"] for c in fp["cases"]], dtype=np.float64)
     shapes = np.array([c["shape_after_crop"] for c in fp["cases"]], dtype=np.float64)
@@ -258,7 +283,9 @@ def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0) -> dict[str, A
     resampling = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": ANISOTROPY}
 
     def config(sp: list[float], med: list[float], dims: int, data_identifier: str) -> dict[str, Any]:
-        fit = fit_configuration(sp[-dims:], med[-dims:], dataset_voxels, gpu_memory_gb, in_channels, num_classes)
+        fit = fit_configuration(
+            sp[-dims:], med[-dims:], dataset_voxels, gpu_memory_gb, in_channels, num_classes, device
+        )
         return {
             "dims": dims,
             "data_identifier": data_identifier,
@@ -299,6 +326,7 @@ def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0) -> dict[str, A
         "dataset_name": fp["dataset_name"],
         "channel_names": dict(fp["channel_names"]),
         "labels": dict(fp["labels"]),
+        "device": device,
         "gpu_memory_gb": gpu_memory_gb,
         "normalization": norm,
         "configurations": configurations,

@@ -106,12 +106,16 @@ def restore_labels(seg: np.ndarray, props: dict[str, Any]) -> tuple[np.ndarray, 
     return out, geometry
 
 
-def restore_probabilities(probs: np.ndarray, props: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
-    """Inverse for (C, Z, Y, X) class probabilities: linear resampling back, uncrop (background = 1 outside)."""
+def restore_probabilities(
+    probs: np.ndarray, props: dict[str, Any], background_channel: bool = True
+) -> tuple[np.ndarray, Geometry]:
+    """Inverse for (C, Z, Y, X) probabilities: resampling back, uncrop. Outside the crop box every channel is 0,
+    except channel 0 when it is the softmax background (then 1)."""
     geometry = Geometry.from_json(props["geometry"])
     cropped = resample_array(probs, props["shape_after_crop"], props["label_orders"])
     out = np.zeros((probs.shape[0],) + tuple(geometry.shape), dtype=np.float32)
-    out[0] = 1.0
+    if background_channel:
+        out[0] = 1.0
     out[(slice(None),) + tuple(slice(a, b) for a, b in props["crop_box"])] = cropped
     return out, geometry
 

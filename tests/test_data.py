@@ -1,5 +1,6 @@
 import dataclasses
 import multiprocessing
+import random
 
 import numpy as np
 import pytest
@@ -213,11 +214,11 @@ def same(a, b):
 def test_loader_is_deterministic_per_seed_and_worker_count(tmp_path):
     write_case(tmp_path, "case_0")
     write_case(tmp_path, "case_1")
-    state = np.random.get_state()[1].copy()
+    state, py_state = np.random.get_state()[1].copy(), random.getstate()
     a, b, c = first_batches(tmp_path, 0, 0), first_batches(tmp_path, 0, 0), first_batches(tmp_path, 1, 0)
     assert all(same(x, y) for x, y in zip(a, b))
     assert not any(same(x, y) for x, y in zip(a, c))
-    assert np.array_equal(np.random.get_state()[1], state)  # the caller's global RNG is left alone
+    assert np.array_equal(np.random.get_state()[1], state) and random.getstate() == py_state  # caller's RNGs kept
     w = first_batches(tmp_path, 0, 1)  # one worker process draws the same stream as in-process
     assert all(same(x, y) for x, y in zip(a, w))
     assert not multiprocessing.active_children()  # close() stopped the worker

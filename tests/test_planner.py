@@ -112,3 +112,16 @@ def test_lowres_only_when_fullres_patch_covers_little():
     p = plan(small)
     assert "3d_lowres" not in p["configurations"]
     assert p["configurations"]["3d_fullres"]["patch_size"] == [64, 96, 96]
+
+
+def test_cpu_plan_is_sized_for_compute():
+    fp = json.loads((ROOT / "fingerprints" / "demo_phantom.json").read_text())
+    gpu, cpu = plan(fp, device="gpu"), plan(fp, device="cpu")
+    assert cpu["device"] == "cpu" and gpu["device"] == "gpu"
+    g, c = gpu["configurations"]["3d_fullres"], cpu["configurations"]["3d_fullres"]
+    assert c["network"]["features"][0] == 8 and g["network"]["features"][0] == 32
+    assert np.prod(c["patch_size"]) < np.prod(g["patch_size"])
+    assert 40**3 <= np.prod(c["patch_size"]) <= 96**3 and c["batch_size"] == 2
+    assert c["spacing"] == g["spacing"]  # same preprocessing either way
+    with pytest.raises(ValueError, match="device"):
+        plan(fp, device="tpu")
