@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import AutosegError
@@ -36,7 +36,8 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
 
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
     from .atomic import write_json
-    from .dataset_io import check_dataset, list_cases, load_dataset_json
+    from .dataset_io import check_dataset, images_in_folder, load_dataset_json
+    from .errors import DatasetError
     from .fingerprint import compute_fingerprint
     from .paths import Roots, dataset_name
     from .planner import plan
@@ -47,7 +48,10 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     name = dataset_name(args.dataset, roots.raw)
     raw, out = roots.raw / name, roots.preprocessed / name
     meta = check_dataset(raw, num_workers=args.num_workers) if args.verify else load_dataset_json(raw)
-    cases = list_cases(raw, meta)
+    cases, problems = images_in_folder(raw / "imagesTr", meta["file_ending"], len(meta["channel_names"]),
+                                       raw / "labelsTr")
+    if problems:
+        raise DatasetError(problems + ["run with --verify for a full check of every file"])
     fp_path = out / "fingerprint.json"
     fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
     if fingerprint is None or [c["case"] for c in fingerprint["cases"]] != [c.case_id for c in cases]:
@@ -90,19 +94,126 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .paths import Roots, dataset_name
     from .trainer import TrainOptions, train_fold
 
-    roots = Roots.from_env()
-    name = dataset_name(args.dataset, roots.preprocessed if not roots.raw.is_dir() else roots.raw)
+    roots, name = _results_dataset(args.dataset)
     opts = TrainOptions(
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
         time_budget_min=args.time_budget, device=args.device, encoder=args.encoder, seed=args.seed,
         continue_training=args.continue_training, validate=args.validate, num_workers=args.num_workers,
+        save_probabilities=args.save_probabilities,
     )
     fold = args.fold if args.fold == "all" else int(args.fold)
     out = train_fold(name, args.configuration, fold, opts, roots)
     print(f"trained model: {out}")
+    return 0
+
+
+def _results_dataset(spec: str) -> tuple[Any, str]:
+    from .paths import Roots, dataset_name
+
+    roots = Roots.from_env()
+    root = roots.raw if roots.raw.is_dir() else roots.results
+    return roots, dataset_name(spec, root)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .predictor import Predictor, predict_folder
+
+    bundle_dir = None
+    if args.model:
+        from .bundle import open_bundle
+
+        dataset_dir = open_bundle(Path(args.model))
+        bundle_dir = dataset_dir.parent
+    elif args.dataset:
+        roots, name = _results_dataset(args.dataset)
+        dataset_dir = roots.results / name
+    else:
+        raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
+    try:
+        inference_plan = dataset_dir / "inference_plan.json"
+        postprocessing = None
+        if args.configuration:
+            configs, folds = [args.configuration], {args.configuration: args.folds}
+        elif inference_plan.is_file():
+            ip = json.loads(inference_plan.read_text())
+            configs, folds, postprocessing = ip["configurations"], ip["folds"], ip["postprocessing"]
+            print(f"using {inference_plan}: {'+'.join(configs)}, postprocessing {postprocessing}")
+        else:
+            configs, folds = ["3d_fullres"], {"3d_fullres": args.folds}
+        if args.folds:
+            folds = {c: args.folds for c in configs}
+        mirror, step = not args.no_tta, args.step
+        if args.fast:
+            mirror, step = False, max(step, 0.75)
+        predictors = []
+        for c in configs:
+            chosen = folds.get(c)
+            if args.fast:
+                chosen = (chosen or sorted(p.parent.name.removeprefix("fold_")
+                                           for p in (dataset_dir / c).glob("fold_*/checkpoint_final.safetensors")))[:1]
+            predictors.append(Predictor.from_trained(dataset_dir / c, chosen, device=args.device, mirror=mirror,
+                                                     step=step))
+        problems = predict_folder(predictors, Path(args.input), Path(args.output), args.save_probabilities,
+                                  args.overwrite, postprocessing if not args.no_postprocessing else None)
+    finally:
+        if bundle_dir is not None:
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+    if problems:
+        from .errors import DatasetError
+
+        raise DatasetError(problems)
+    print(f"predictions in {args.output}")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from .dataset_io import load_dataset_json
+    from .ensemble import ensemble_folders
+    from .trainer import label_layout
+
+    meta = load_dataset_json(Path(args.dataset_json).parent) if args.dataset_json else {"file_ending": ".nii.gz"}
+    rco = label_layout(meta)[2] if args.dataset_json else None
+    n = ensemble_folders([Path(d) for d in args.input], Path(args.output), meta["file_ending"], rco,
+                         args.save_probabilities)
+    print(f"ensembled {n} case(s) into {args.output}")
+    return 0
+
+
+def _find_best(args: argparse.Namespace) -> int:
+    from .atomic import write_json
+    from .ensemble import find_best_configuration
+
+    roots, name = _results_dataset(args.dataset)
+    meta = json.loads((roots.preprocessed / name / "dataset.json").read_text())
+    plan = find_best_configuration(roots.results / name, roots.raw / name / "labelsTr", meta)
+    print(f"{'candidate':<28} mean foreground Dice ({plan['cases']} validation cases)")
+    for cand, score in sorted(plan["mean_foreground_dice"].items(), key=lambda kv: -kv[1]):
+        print(f"{cand:<28} {score:.4f}")
+    for note in plan["notes"]:
+        print(note)
+    write_json(roots.results / name / "inference_plan.json", plan)
+    print(f"wrote {roots.results / name / 'inference_plan.json'} (used by `autoseg predict -d {name}`)")
+    return 0
+
+
+def _apply_postprocessing(args: argparse.Namespace) -> int:
+    from .dataset_io import read_image, write_image
+    from .postprocess import apply_postprocessing
+
+    roots, name = _results_dataset(args.dataset)
+    plan_path = roots.results / name / "inference_plan.json"
+    if not plan_path.is_file():
+        raise AutosegError(f"{plan_path} not found; run `autoseg find_best_configuration -d {name}` first")
+    spec = json.loads(plan_path.read_text())["postprocessing"]
+    files = sorted(p for p in Path(args.input).iterdir() if p.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))
+    for f in files:
+        seg, geo = read_image(f)
+        write_image(Path(args.output) / f.name, apply_postprocessing(seg, spec), geo)
+    print(f"postprocessed {len(files)} file(s) into {args.output}")
     return 0
 
 
@@ -171,7 +282,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="background data-loading processes (default: cores - 2, at most 8; 0 = in-process)")
     p.add_argument("--no-validation", dest="validate", action="store_false",
                    help="skip predicting the fold's validation cases at the end")
+    p.add_argument("--npz", dest="save_probabilities", action="store_true",
+                   help="save validation probabilities too (needed to score ensembles in find_best_configuration)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "predict", help="segment a folder of images with a trained model",
+        description="Predict every CASE_XXXX image in a folder. Default model: the inference_plan.json written by "
+        "find_best_configuration, else 3d_fullres with every trained fold. Finished cases are skipped unless "
+        "--overwrite; bad cases are reported by name and the exit code is non-zero.",
+    )
+    p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
+    p.add_argument("-o", "--output", required=True, help="folder for the label maps (created)")
+    p.add_argument("-d", "--dataset", help="dataset id or name whose trained models to use")
+    p.add_argument("-m", "--model", help="a model bundle (.zip from `autoseg export`) instead of -d")
+    p.add_argument("-c", "--configuration", choices=["2d", "3d_fullres", "3d_lowres"],
+                   help="configuration to use (default: inference_plan.json, else 3d_fullres)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to average (default: every trained fold)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster in 3D)")
+    p.add_argument("--fast", action="store_true", help="one fold, no mirroring, step 0.75: fastest, a little less accurate")
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch (0.5)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE.npz with float16 probabilities and geometry (for `autoseg ensemble`)")
+    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing of inference_plan.json")
+    p.add_argument("--overwrite", action="store_true", help="predict cases again even if their output exists")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",
+                       description="Average CASE.npz probabilities (from --save-probabilities) present in every "
+                       "input folder and write label maps.")
+    p.add_argument("-i", "--input", nargs="+", required=True, help="two or more prediction folders")
+    p.add_argument("-o", "--output", required=True, help="folder for the ensembled label maps")
+    p.add_argument("--dataset-json", help="dataset.json (file ending; regions_class_order of region-based models)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the averaged probabilities")
+    p.set_defaults(func=_ensemble)
+
+    p = sub.add_parser("find_best_configuration", help="choose configuration/ensemble and postprocessing from CV",
+                       description="Score every trained configuration and pairwise ensemble (needs train --npz) "
+                       "on their validation predictions, choose postprocessing, write inference_plan.json.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.set_defaults(func=_find_best)
+
+    p = sub.add_parser("apply_postprocessing", help="apply the chosen postprocessing to label maps made elsewhere",
+                       description="Apply the postprocessing of AUTOSEG_RESULTS/DATASET/inference_plan.json.")
+    p.add_argument("-i", "--input", required=True, help="folder of label maps")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.set_defaults(func=_apply_postprocessing)
 
     phantom.add_cli(sub)
     return parser

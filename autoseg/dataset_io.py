@@ -117,34 +117,42 @@ def label_values(meta: dict[str, Any]) -> list[int]:
     return sorted(values)
 
 
-def list_cases(folder: str | Path, meta: dict[str, Any], split: str = "Tr") -> list[Case]:
-    """Cases found in ``images<split>/`` (``Tr`` or ``Ts``), with their label files from ``labels<split>/``.
-
-    Missing channel or label files are not errors here (:func:`verify_dataset` reports them); a case lists only
-    files that exist.
-    """
-    folder = Path(folder)
-    ending = meta["file_ending"]
-    image_dir, label_dir = folder / f"images{split}", folder / f"labels{split}"
-    if not image_dir.is_dir():
-        return []
+def images_in_folder(
+    image_dir: str | Path, ending: str, n_channels: int, label_dir: str | Path | None = None
+) -> tuple[list[Case], list[str]]:
+    """Cases in a folder of ``<CASE>_<XXXX><ending>`` files, and a problem line for each file that is not one and
+    each case missing a channel (those cases are left out). Labels come from ``label_dir`` when given."""
+    image_dir = Path(image_dir)
     pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
     ids: dict[str, dict[int, Path]] = {}
-    for p in sorted(image_dir.iterdir()):
+    problems = []
+    for p in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
         m = pattern.match(p.name)
-        if m:
+        if m and int(m.group(2)) < n_channels:
             ids.setdefault(m.group(1), {})[int(m.group(2))] = p
-    n_channels = len(meta["channel_names"])
+        elif not p.name.startswith("."):
+            problems.append(f"{p}: not an image of the form CASE_XXXX{ending} with XXXX < {n_channels}; skipped")
     cases = []
     for case_id, channels in sorted(ids.items()):
-        label = label_dir / f"{case_id}{ending}"
-        cases.append(
-            Case(
-                case_id=case_id,
-                images=tuple(channels[c] for c in range(n_channels) if c in channels),
-                label=label if label.is_file() else None,
-            )
-        )
+        missing = [c for c in range(n_channels) if c not in channels]
+        if missing:
+            problems.append(f"case {case_id}: channel file(s) {[f'{case_id}_{c:04d}{ending}' for c in missing]} "
+                            f"missing in {image_dir}; skipped")
+            continue
+        label = Path(label_dir) / f"{case_id}{ending}" if label_dir is not None else None
+        cases.append(Case(case_id, tuple(channels[c] for c in range(n_channels)),
+                          label if label is not None and label.is_file() else None))
+    return cases, problems
+
+
+def list_cases(folder: str | Path, meta: dict[str, Any], split: str = "Tr") -> list[Case]:
+    """Complete cases in ``images<split>/`` (``Tr`` or ``Ts``) with their label files from ``labels<split>/``.
+
+    Incomplete cases and stray files are left out here; :func:`verify_dataset` reports them.
+    """
+    folder = Path(folder)
+    cases, _ = images_in_folder(folder / f"images{split}", meta["file_ending"], len(meta["channel_names"]),
+                                folder / f"labels{split}")
     return cases
 
 
@@ -701,3 +709,23 @@ def _label_value_problems(
             f"{rel}: label map is all background (only value 0); allowed, but this case adds no foreground examples"
         )
     return []
+
+
+def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry) -> None:
+    """Save (C, Z, Y, X) probabilities as float16 with their geometry in one ``.npz`` (atomic, no pickle)."""
+    from .atomic import write_npz
+
+    write_npz(path, {"probabilities": probs.astype(np.float16), "spacing": np.array(geometry.spacing),
+                     "origin": np.array(geometry.origin), "direction": np.array(geometry.direction)})
+
+
+def read_probabilities(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Probabilities (C, Z, Y, X) float32 and geometry from :func:`write_probabilities`' file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            probs = z["probabilities"].astype(np.float32)
+            geo = Geometry(tuple(z["spacing"].tolist()), tuple(z["origin"].tolist()),
+                           tuple(z["direction"].tolist()), tuple(probs.shape[1:]))
+    except (OSError, KeyError, ValueError) as e:
+        raise AutosegError(f"{path}: not a probabilities file written by autoseg ({e})") from None
+    return probs, geo

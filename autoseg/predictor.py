@@ -9,11 +9,17 @@ the logits over every combination of flipped axes. A 2D network runs over the ax
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import AutosegError
+
+if TYPE_CHECKING:
+    from .dataset_io import Geometry
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -98,3 +104,165 @@ def sliding_window(
     if any(pad):
         logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))]
     return logits.cpu()
+
+
+def labels_from_probabilities(probs: np.ndarray, regions_class_order: list[int] | None) -> np.ndarray:
+    """Label map from (C, ...) probabilities: argmax for softmax outputs; for regions, each region (p > 0.5)
+    paints its label in ``regions_class_order`` order, so nested regions end with the innermost label."""
+    if regions_class_order is None:
+        return probs.argmax(0).astype(np.uint8)
+    seg = np.zeros(probs.shape[1:], dtype=np.uint8)
+    for i, label in enumerate(regions_class_order):
+        seg[probs[i] > 0.5] = label
+    return seg
+
+
+def predict_probabilities(
+    models: Sequence[nn.Module],
+    data: np.ndarray,
+    props: dict,
+    config: dict,
+    regions: bool,
+    device: torch.device,
+    mirror: bool = True,
+    step: float = 0.5,
+) -> tuple[np.ndarray, "Geometry"]:
+    """Probabilities (C, *original shape) float32 on the original grid for one preprocessed case.
+
+    Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
+    models in the preprocessed space, then resampled back and uncropped exactly (``restore_probabilities``).
+    """
+    from .preprocess import restore_probabilities
+
+    patch = config["patch_size"]
+    x = torch.from_numpy(np.array(data, dtype=np.float32))
+    total = None
+    for net in models:
+        net.eval()
+        net.deep_supervision = False
+        logits = sliding_window(net, x, patch, net.num_outputs, step=step,
+                                mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
+                                autocast=torch.device(device).type == "cuda")
+        p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
+        total = p if total is None else total.add_(p)
+    probs = (total / len(models)).numpy()
+    return restore_probabilities(probs, props, background_channel=not regions)
+
+
+class Predictor:
+    """A trained configuration ready to predict: plans, one network per fold, and the inference settings.
+
+    >>> p = Predictor.from_trained(results / "Dataset501_X" / "3d_fullres", folds=[0])  # doctest: +SKIP
+    >>> labels, probs = p.predict_array(image_czyx, geometry)  # doctest: +SKIP
+    """
+
+    def __init__(self, plans: dict, meta: dict, configuration: str, models: list[nn.Module],
+                 device: torch.device, mirror: bool = True, step: float = 0.5):
+        self.plans, self.meta, self.configuration = plans, meta, configuration
+        self.config = plans["configurations"][configuration]
+        self.models, self.device, self.mirror, self.step = models, device, mirror, step
+        from .trainer import label_layout
+
+        _, regions, self.regions_class_order = label_layout(meta)
+        self.regions = regions is not None
+
+    @classmethod
+    def from_trained(cls, config_dir: str | Path, folds: Sequence[int | str] | None = None,
+                     checkpoint: str = "final", device: str = "auto", mirror: bool = True,
+                     step: float = 0.5) -> "Predictor":
+        """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
+        import json
+
+        from .network import build_network
+        from .schemas import validate
+        from .trainer import label_layout, load_weights, pick_device
+
+        config_dir = Path(config_dir)
+        try:
+            plans = json.loads((config_dir / "plans.json").read_text())
+            meta = json.loads((config_dir / "dataset.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AutosegError(f"{config_dir}: not a trained configuration ({e}); train it first") from None
+        validate(plans, "plans", str(config_dir / "plans.json"))
+        configuration = config_dir.name
+        if configuration not in plans["configurations"]:
+            raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")
+        available = sorted(p.parent.name.removeprefix("fold_") for p in config_dir.glob(f"fold_*/checkpoint_{checkpoint}.safetensors"))
+        chosen = [str(f) for f in folds] if folds else available
+        missing = [f for f in chosen if f not in available]
+        if missing or not chosen:
+            raise AutosegError(f"{config_dir}: no checkpoint_{checkpoint} for fold(s) {missing or 'any'} "
+                               f"(trained: {available or 'none'}); train them or pick others with -f")
+        dev = pick_device(device)
+        n_out, _, _ = label_layout(meta)
+        models = []
+        for f in chosen:
+            net = build_network(plans["configurations"][configuration], len(meta["channel_names"]), n_out)
+            load_weights(config_dir / f"fold_{f}" / f"checkpoint_{checkpoint}.safetensors", net)
+            models.append(net.to(dev).eval())
+        return cls(plans, meta, configuration, models, dev, mirror, step)
+
+    def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
+        """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
+        path as training, then the sliding window over every fold and the exact inverse."""
+        from .preprocess import preprocess_case
+
+        try:
+            pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
+        except ValueError as e:
+            raise AutosegError(str(e)) from None
+        probs, _ = predict_probabilities(self.models, pre, props, self.config, self.regions, self.device,
+                                         self.mirror, self.step)
+        return probs
+
+
+def predict_folder(
+    predictors: Sequence[Predictor],
+    in_dir: Path,
+    out_dir: Path,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    postprocessing: dict | None = None,
+) -> list[str]:
+    """Predict every case of ``in_dir`` into ``out_dir``; probabilities of several predictors are averaged.
+
+    Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
+    others. Each output is written atomically.
+    """
+    import resource
+    import time
+
+    from tqdm import tqdm
+
+    from .dataset_io import images_in_folder, read_case, write_image, write_probabilities
+    from .postprocess import apply_postprocessing
+
+    meta = predictors[0].meta
+    ending = meta["file_ending"]
+    cases, problems = images_in_folder(in_dir, ending, len(meta["channel_names"]))
+    if not cases and not problems:
+        raise AutosegError(f"{in_dir}: no images named CASE_XXXX{ending}; nothing to predict")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cases, desc="predict", unit="case"):
+        target = out_dir / f"{case.case_id}{ending}"
+        if target.exists() and not overwrite:
+            continue
+        t0 = time.perf_counter()
+        try:
+            data, _, geometry = read_case(case)
+            probs = predictors[0].predict_array(data, geometry)
+            for p in predictors[1:]:
+                probs += p.predict_array(data, geometry)
+            probs /= len(predictors)
+        except AutosegError as e:
+            problems.append(f"case {case.case_id}: {e}")
+            continue
+        seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+        if postprocessing:
+            seg = apply_postprocessing(seg, postprocessing)
+        if save_probabilities:
+            write_probabilities(out_dir / f"{case.case_id}.npz", probs, geometry)
+        write_image(target, seg, geometry)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
+    return problems

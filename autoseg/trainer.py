@@ -28,13 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_json
 from .data import BatchLoader
-from .dataset_io import Geometry, write_image
+from .dataset_io import write_image, write_probabilities
 from .errors import AutosegError
 from .losses import SegmentationLoss
 from .network import build_network, ds_scales
 from .paths import Roots
-from .predictor import sliding_window
-from .preprocess import restore_probabilities
+from .predictor import labels_from_probabilities, predict_probabilities  # noqa: F401  (re-exported for tests)
 
 N_FOLDS = 5
 SPLIT_SEED = 12345
@@ -58,6 +57,7 @@ class TrainOptions:
     grad_clip: float = 12.0
     continue_training: bool = False
     validate: bool = True
+    save_probabilities: bool = False
     num_workers: int | None = None
 
 
@@ -171,7 +171,8 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
 
-def _train_epoch(model, loss_fn, optimizer, loader, iters, device, amp_dtype, scaler, grad_clip) -> float:
+def train_steps(model, loss_fn, optimizer, loader, iters, device, amp_dtype, scaler, grad_clip) -> float:
+    """``iters`` SGD steps on batches from ``loader``; returns the mean loss (also used by the benchmark)."""
     model.train()
     _unwrap(model).deep_supervision = True
     total = 0.0
@@ -264,35 +265,6 @@ def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def labels_from_probabilities(probs: np.ndarray, regions_class_order: list[int] | None) -> np.ndarray:
-    """Label map from (C, ...) probabilities: argmax for softmax outputs; for regions, each region (p > 0.5)
-    paints its label in ``regions_class_order`` order, so nested regions end with the innermost label."""
-    if regions_class_order is None:
-        return probs.argmax(0).astype(np.uint8)
-    seg = np.zeros(probs.shape[1:], dtype=np.uint8)
-    for i, label in enumerate(regions_class_order):
-        seg[probs[i] > 0.5] = label
-    return seg
-
-
-def predict_preprocessed(
-    model: torch.nn.Module, data: np.ndarray, props: dict[str, Any], config: dict[str, Any],
-    regions_class_order: list[int] | None, device: torch.device, mirror: bool,
-) -> tuple[np.ndarray, Geometry]:
-    """Labels on the original grid for one preprocessed case (sliding window, then the exact inverse)."""
-    net = _unwrap(model)
-    net.eval()
-    net.deep_supervision = False
-    patch = config["patch_size"]
-    logits = sliding_window(net, torch.from_numpy(np.array(data, dtype=np.float32)), patch, net.num_outputs,
-                            mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
-                            autocast=device.type == "cuda")
-    regions = regions_class_order is not None
-    probs = (torch.sigmoid(logits) if regions else torch.softmax(logits, 0)).numpy()
-    restored, geometry = restore_probabilities(probs, props, background_channel=not regions)
-    return labels_from_probabilities(restored, regions_class_order), geometry
-
-
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: list[int]) -> dict[str, float]:
     """Dice per label value; 1.0 when both are empty, 0.0 when exactly one is."""
     out = {}
@@ -304,7 +276,8 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: list[int]) -> dict
 
 
 def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], config: dict[str, Any],
-                  meta: dict[str, Any], raw_labels: Path, regions_class_order, device) -> dict[str, Any]:
+                  meta: dict[str, Any], raw_labels: Path, regions_class_order, device,
+                  save_probabilities: bool = False) -> dict[str, Any]:
     """Predict each validation case to ``out/validation`` and score it against the raw label."""
     from .dataset_io import read_image
 
@@ -316,8 +289,11 @@ def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], confi
         props = json.loads((data_folder / f"{case}.json").read_text())
         data = np.load(data_folder / f"{case}.npy", mmap_mode="r", allow_pickle=False)
         # mirroring multiplies the cost by 2**dims: worth it on a GPU, not in a CPU training job
-        seg, geometry = predict_preprocessed(model, data, props, config, regions_class_order, device,
-                                             mirror=device.type == "cuda")
+        probs, geometry = predict_probabilities([_unwrap(model)], data, props, config,
+                                                regions_class_order is not None, device, mirror=device.type == "cuda")
+        seg = labels_from_probabilities(probs, regions_class_order)
+        if save_probabilities:  # for ensembles in find_best_configuration
+            write_probabilities(folder / f"{case}.npz", probs, geometry)
         write_image(folder / f"{case}{meta['file_ending']}", seg, geometry)
         ref_path = raw_labels / f"{case}{meta['file_ending']}"
         if ref_path.is_file():
@@ -408,7 +384,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     while True:
         epoch = state["epoch"]
         progress = max(epoch / opts.epochs, state["elapsed"] / budget_s)
-        if progress >= 1:
+        last_epoch_s = state["log"][-1]["epoch_s"] if state["log"] else 0.0
+        if progress >= 1 or state["elapsed"] + last_epoch_s > budget_s:  # do not start an epoch that overruns
             break
         lr = poly_lr(opts.lr, progress)
         for g in optimizer.param_groups:
@@ -418,7 +395,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         train_loader = BatchLoader(data_folder, train_ids, config, scales, batch, seed, workers, True, regions)
         val_loader = BatchLoader(data_folder, val_ids, config, scales, batch, seed + 1, 0, False, regions)
         try:
-            train_loss = _train_epoch(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, device,
+            train_loss = train_steps(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, device,
                                       amp_dtype, scaler, opts.grad_clip)
             val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, device, amp_dtype,
                                           regions is not None, n_out)
@@ -457,7 +434,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         save_checkpoint(out, "final", _unwrap(model))
         if opts.validate:
             summary = validate_fold(model, data_folder, out, val_ids, config, meta,
-                                    roots.raw / dataset / "labelsTr", rco, device)
+                                    roots.raw / dataset / "labelsTr", rco, device, opts.save_probabilities)
             print(f"validation mean Dice per label: {summary['mean_dice']}")
     if world > 1:
         dist.barrier()

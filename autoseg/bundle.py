@@ -1,0 +1,506 @@
+"""Model bundles: one zip holding everything ``autoseg predict`` needs from a trained dataset, and nothing else.
+
+Layout inside the zip (one top-level folder named after the dataset)::
+
+    Dataset501_Name/manifest.json                      autoseg_version, dataset, created_utc, files
+    Dataset501_Name/inference_plan.json                if the results folder has one
+    Dataset501_Name/fingerprint.json                   if exported with one
+    Dataset501_Name/<config>/plans.json
+    Dataset501_Name/<config>/dataset.json
+    Dataset501_Name/<config>/fold_<k>/checkpoint_final.safetensors
+
+``manifest.json`` lists every other member with its SHA-256 and size. Weights are safetensors only, so importing a
+bundle never unpickles anything. A bundle is untrusted input: ``import_bundle`` checks every member's name, type,
+size and compression ratio against the manifest before it writes a single byte, verifies each hash while it
+extracts into a temporary folder next to the target, validates plans and safetensors headers, and only then
+renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import atomic_path
+from .errors import AutosegError
+
+MANIFEST = "manifest.json"
+FINAL = "checkpoint_final.safetensors"
+ALLOWED_SUFFIXES = (".json", ".safetensors")
+DEFAULT_MAX_BYTES = 4 * 2**30
+MAX_RATIO = 1000  # uncompressed / compressed; deflate cannot legitimately exceed ~1030 and real files sit far below
+MAX_JSON_BYTES = 64 * 2**20  # JSON members are parsed in memory, so they get a tighter bound
+CHUNK = 2**20
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _fold_key(name: str) -> tuple[int, int, str]:
+    tail = name.removeprefix("fold_")
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, tail)
+
+
+def _finished_folds(config_dir: Path) -> list[str]:
+    """Fold ids (``"0"``, ``"all"``) under ``config_dir`` that have a final checkpoint."""
+    folds = [p.name.removeprefix("fold_") for p in config_dir.glob("fold_*") if (p / FINAL).is_file()]
+    return sorted(folds, key=_fold_key)
+
+
+def _add_file(zf: zipfile.ZipFile, src: Path, arcname: str, date_time: tuple[int, ...]) -> dict[str, Any]:
+    """Stream ``src`` into the zip while hashing it (one read, so hash and content always agree)."""
+    info = zipfile.ZipInfo(arcname, date_time=date_time)
+    info.create_system = 3  # unix, so external_attr below is read as a mode
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    info.compress_type = zipfile.ZIP_STORED if arcname.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+    digest, size = hashlib.sha256(), 0
+    with open(src, "rb") as f:
+        info.file_size = os.fstat(f.fileno()).st_size  # lets zipfile switch to zip64 for files over 2 GiB
+        with zf.open(info, "w") as out:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def _select(results_dataset_dir: Path, configurations: list[str] | None,
+            folds: list[str] | None) -> dict[str, list[str]]:
+    """``{configuration: [fold ids]}`` to export, with errors that say how to fix a bad selection."""
+    available = {p.name: _finished_folds(p) for p in sorted(results_dataset_dir.iterdir()) if p.is_dir()}
+    finished = {c: f for c, f in available.items() if f}
+    if configurations is None:
+        if not finished:
+            raise AutosegError(f"{results_dataset_dir}: no configuration has a fold with {FINAL}; "
+                               "train one to the end first (autoseg train)")
+        configurations = list(finished)
+    wanted_folds = None if folds is None else [str(f).removeprefix("fold_") for f in folds]
+    selection: dict[str, list[str]] = {}
+    for config in configurations:
+        config_dir = results_dataset_dir / config
+        if not config_dir.is_dir():
+            have = ", ".join(finished) or "none with a finished fold"
+            raise AutosegError(f"{config_dir}: no such configuration in the results (available: {have})")
+        for required in ("plans.json", "dataset.json"):
+            if not (config_dir / required).is_file():
+                raise AutosegError(f"{config_dir / required} is missing; it is written when training starts, "
+                                   "so this folder is incomplete")
+        if wanted_folds is None:
+            chosen = available[config]
+            if not chosen:
+                raise AutosegError(f"{config_dir}: no fold has {FINAL}; train one to the end first")
+        else:
+            chosen = wanted_folds
+            for fold in chosen:
+                if not (config_dir / f"fold_{fold}" / FINAL).is_file():
+                    raise AutosegError(f"{config_dir / f'fold_{fold}'}: fold {fold} has no {FINAL}; "
+                                       "train it to the end or leave it out with -f")
+        selection[config] = chosen
+    return selection
+
+
+def _export(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None, folds: list[str] | None,
+            fingerprint: Path | None) -> dict[str, Any]:
+    results_dataset_dir, out_zip = Path(results_dataset_dir), Path(out_zip)
+    if not results_dataset_dir.is_dir():
+        raise AutosegError(f"{results_dataset_dir}: no such results folder; train a model first (autoseg train) "
+                           "or check AUTOSEG_RESULTS")
+    dataset = results_dataset_dir.name
+    if not _SAFE_NAME.match(dataset):
+        raise AutosegError(f"{results_dataset_dir}: '{dataset}' is not a usable dataset folder name")
+    selection = _select(results_dataset_dir, configurations, folds)
+
+    sources: list[tuple[Path, str]] = []  # (file, path relative to the dataset folder)
+    if (results_dataset_dir / "inference_plan.json").is_file():
+        sources.append((results_dataset_dir / "inference_plan.json", "inference_plan.json"))
+    if fingerprint is not None:
+        fingerprint = Path(fingerprint)
+        try:
+            json.loads(fingerprint.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AutosegError(f"{fingerprint}: cannot read the fingerprint JSON ({e})") from None
+        sources.append((fingerprint, "fingerprint.json"))
+    for config, chosen in selection.items():
+        sources.append((results_dataset_dir / config / "plans.json", f"{config}/plans.json"))
+        sources.append((results_dataset_dir / config / "dataset.json", f"{config}/dataset.json"))
+        for fold in chosen:
+            sources.append((results_dataset_dir / config / f"fold_{fold}" / FINAL, f"{config}/fold_{fold}/{FINAL}"))
+
+    now = datetime.now(timezone.utc)
+    date_time = now.timetuple()[:6]
+    manifest: dict[str, Any] = {
+        "autoseg_version": __version__,
+        "dataset": dataset,
+        "created_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "files": {},
+    }
+    with atomic_path(out_zip) as tmp:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for src, rel in sources:
+                manifest["files"][rel] = _add_file(zf, src, f"{dataset}/{rel}", date_time)
+            info = zipfile.ZipInfo(f"{dataset}/{MANIFEST}", date_time=date_time)
+            info.create_system = 3
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, json.dumps(manifest, indent=1) + "\n")
+    manifest["selection"] = selection
+    return manifest
+
+
+def export_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None = None,
+                  folds: list[str] | None = None, fingerprint: Path | None = None) -> Path:
+    """Write a model bundle of ``results_dataset_dir`` (``AUTOSEG_RESULTS/<dataset>``) to ``out_zip``, atomically.
+
+    ``configurations``: default every configuration with at least one finished fold. ``folds`` (``"0"`` or
+    ``"fold_0"``, ``"all"``): default every fold with ``checkpoint_final.safetensors``; a fold asked for without
+    one is an error. ``fingerprint``: optional ``fingerprint.json`` to ship along. Returns ``out_zip``.
+    """
+    _export(results_dataset_dir, out_zip, configurations, folds, fingerprint)
+    return Path(out_zip)
+
+
+# ---------------------------------------------------------------------------------------------------- import
+
+
+def _check_name(where: str, name: str) -> list[str]:
+    """The path components of a member name, or an error if extracting it could land anywhere unexpected."""
+    if "\\" in name:
+        raise AutosegError(f"{where}: member '{name}' contains a backslash; refusing an unsafe path")
+    if name.startswith("/"):
+        raise AutosegError(f"{where}: member '{name}' is an absolute path; refusing an unsafe path")
+    if _DRIVE.match(name):
+        raise AutosegError(f"{where}: member '{name}' starts with a drive letter; refusing an unsafe path")
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in name):
+        raise AutosegError(f"{where}: member {name!r} contains control characters; refusing an unsafe path")
+    parts = (name[:-1] if name.endswith("/") else name).split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise AutosegError(f"{where}: member '{name}' has an empty, '.' or '..' component; refusing an unsafe path")
+    return parts
+
+
+def _fail(where: str, message: str) -> AutosegError:
+    return AutosegError(f"{where}: {message}")
+
+
+def _read_manifest(where: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, dataset: str) -> tuple[dict[str, Any], bytes]:
+    try:
+        raw = zf.read(info)
+        manifest = json.loads(raw.decode("utf-8"))
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise _fail(where, f"{info.filename} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise _fail(where, f"{info.filename} must be an object with a 'files' object")
+    for key in ("autoseg_version", "dataset", "created_utc"):
+        if not isinstance(manifest.get(key), str):
+            raise _fail(where, f"{info.filename}: '{key}' must be a string")
+    if manifest["dataset"] != dataset:
+        raise _fail(where, f"{info.filename} names dataset '{manifest['dataset']}' but the bundle's folder is "
+                    f"'{dataset}'")
+    for rel, entry in manifest["files"].items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or not _SHA256.match(entry["sha256"]) or type(entry.get("bytes")) is not int or entry["bytes"] < 0):
+            raise _fail(where, f"{info.filename}: entry '{rel}' needs a lowercase hex 'sha256' and integer 'bytes'")
+    return manifest, raw
+
+
+def _inspect(where: str, zf: zipfile.ZipFile,
+             max_bytes: int) -> tuple[str, dict[str, Any], bytes, dict[str, zipfile.ZipInfo]]:
+    """Every check that needs no extraction. Returns (dataset, manifest, its bytes, {relative path: member})."""
+    infos = zf.infolist()
+    if not infos:
+        raise _fail(where, "the bundle is empty")
+    seen: set[str] = set()
+    tops: set[str] = set()
+    files: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = _check_name(where, name)
+        key = name.rstrip("/").casefold()
+        if key in seen:
+            raise _fail(where, f"member '{name}' appears more than once (names differing only in case count)")
+        seen.add(key)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise _fail(where, f"member '{name}' is a symbolic link; bundles hold regular files only")
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise _fail(where, f"member '{name}' is not a regular file (mode {oct(mode)})")
+        if info.flag_bits & 0x1:
+            raise _fail(where, f"member '{name}' is encrypted")
+        tops.add(parts[0])
+        if info.is_dir():
+            continue
+        if len(parts) < 2:
+            raise _fail(where, f"member '{name}' is outside the dataset folder; a bundle holds one top-level folder")
+        if not name.endswith(ALLOWED_SUFFIXES):
+            raise _fail(where, f"member '{name}' is not an allowed kind of file (only "
+                        f"{', '.join(ALLOWED_SUFFIXES)}; pickled .pt/.pkl files are never imported)")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _fail(where, f"member '{name}' uses compression method {info.compress_type}; "
+                        "only stored and deflated members are accepted")
+        if info.file_size and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise _fail(where, f"member '{name}' expands {info.file_size} bytes from {info.compress_size} "
+                        f"(ratio over {MAX_RATIO}); refusing a likely zip bomb")
+        if name.endswith(".json") and info.file_size > MAX_JSON_BYTES:
+            raise _fail(where, f"member '{name}' is {info.file_size} bytes; JSON members are limited to "
+                        f"{MAX_JSON_BYTES} bytes")
+        total += info.file_size
+        if total > max_bytes:
+            raise _fail(where, f"the bundle unpacks to more than {max_bytes} bytes (the limit); "
+                        "raise it if this is a genuine model (autoseg import --max-gb)")
+        files["/".join(parts[1:])] = info
+    if len(tops) != 1:
+        raise _fail(where, f"expected one top-level dataset folder, found {', '.join(sorted(tops))}")
+    dataset = tops.pop()
+    if not _SAFE_NAME.match(dataset):
+        raise _fail(where, f"top-level folder '{dataset}' is not a usable dataset folder name")
+    manifest_info = files.pop(MANIFEST, None)
+    if manifest_info is None:
+        raise _fail(where, f"no {dataset}/{MANIFEST}; this is not an autoseg model bundle (autoseg export)")
+    manifest, raw = _read_manifest(where, zf, manifest_info, dataset)
+    listed = set(manifest["files"])
+    unlisted = sorted(set(files) - listed)
+    if unlisted:
+        raise _fail(where, f"member(s) not listed in the manifest: {', '.join(f'{dataset}/{r}' for r in unlisted)}")
+    missing = sorted(listed - set(files))
+    if missing:
+        raise _fail(where, f"manifest lists file(s) missing from the bundle: {', '.join(missing)}")
+    for rel, info in files.items():
+        if info.file_size != manifest["files"][rel]["bytes"]:
+            raise _fail(where, f"member '{info.filename}' is {info.file_size} bytes but the manifest says "
+                        f"{manifest['files'][rel]['bytes']}")
+    if not any(rel.endswith("/" + FINAL) for rel in files):
+        raise _fail(where, f"the bundle holds no {FINAL}; there is no trained model in it")
+    return dataset, manifest, raw, files
+
+
+def _extract(where: str, zf: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo], manifest: dict[str, Any],
+             folder: Path) -> None:
+    """Write each member under ``folder``, hashing as it streams; a mismatch names the member."""
+    for rel, info in files.items():
+        target = folder.joinpath(*rel.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with zf.open(info) as src, open(target, "xb") as dst:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if size > info.file_size:
+                        raise _fail(where, f"member '{info.filename}' is longer than its declared size")
+                    digest.update(chunk)
+                    dst.write(chunk)
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:  # CRC error, truncation
+            raise _fail(where, f"member '{info.filename}' is damaged ({e})") from None
+        expected = manifest["files"][rel]
+        if size != expected["bytes"]:
+            raise _fail(where, f"member '{info.filename}' has {size} bytes, the manifest says {expected['bytes']}")
+        if digest.hexdigest() != expected["sha256"]:
+            raise _fail(where, f"member '{info.filename}' has SHA-256 {digest.hexdigest()} but the manifest says "
+                        f"{expected['sha256']}; the bundle was modified or damaged")
+
+
+def _validate_extracted(where: str, folder: Path, files: dict[str, zipfile.ZipInfo]) -> None:
+    """Parse every JSON, schema-check every plans.json and open every safetensors header."""
+    from safetensors import safe_open
+
+    from .schemas import validate
+
+    for rel in files:
+        path = folder.joinpath(*rel.split("/"))
+        member = f"{folder.name}/{rel}"
+        if rel.endswith(".json"):
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _fail(where, f"member '{member}' is not valid JSON ({e})") from None
+            if path.name == "plans.json":
+                validate(obj, "plans", f"{where}: {member}")
+        elif rel.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                raise _fail(where, f"member '{member}' is not a readable safetensors file ({e})") from None
+    configs = {rel.split("/")[0] for rel in files if "/fold_" in rel and rel.endswith(FINAL)}
+    for config in sorted(configs):
+        for required in ("plans.json", "dataset.json"):
+            if f"{config}/{required}" not in files:
+                raise _fail(where, f"configuration '{config}' has weights but no {required}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def import_bundle(zip_path: Path, results_root: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                  overwrite: bool = False) -> Path:
+    """Check, extract and install a bundle as ``results_root/<dataset>``; returns that folder.
+
+    Nothing is written until every member passed the name, type, size and manifest checks; files are then
+    extracted to a temporary folder next to the target, hash-verified and validated, and renamed into place.
+    An existing dataset folder is an error unless ``overwrite``, which swaps the new folder in and deletes the old.
+    """
+    zip_path, results_root = Path(zip_path), Path(results_root)
+    where = str(zip_path)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise AutosegError(f"{where}: not a zip file; expected a model bundle written by autoseg export") from None
+    except OSError as e:
+        raise AutosegError(f"{where}: cannot open the bundle ({e.strerror or e})") from None
+    with zf:
+        dataset, manifest, raw, files = _inspect(where, zf, max_bytes)
+        target = results_root / dataset
+        if target.exists() and not overwrite:
+            raise _fail(where, f"{target} already exists; pass --overwrite to replace it")
+        results_root.mkdir(parents=True, exist_ok=True)
+        tmp = results_root / f".autoseg-import-{uuid.uuid4().hex[:8]}-{dataset}"
+        try:
+            tmp.mkdir()
+            _extract(where, zf, files, manifest, tmp)
+            (tmp / MANIFEST).write_bytes(raw)
+            _validate_extracted(where, tmp, files)
+            if target.exists() or target.is_symlink():
+                if not overwrite:
+                    raise _fail(where, f"{target} already exists; pass --overwrite to replace it")
+                aside = results_root / f".autoseg-old-{uuid.uuid4().hex[:8]}-{dataset}"
+                os.rename(target, aside)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    os.rename(aside, target)
+                    raise
+                _remove(aside)
+            else:
+                os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                _remove(tmp)
+    return target
+
+
+def open_bundle(zip_path: Path) -> Path:
+    """Import a bundle into a private temporary directory and return its dataset folder (``predict -m model.zip``).
+
+    The directory is removed when the process exits.
+    """
+    root = Path(tempfile.mkdtemp(prefix="autoseg-model-"))
+    atexit.register(shutil.rmtree, root, True)
+    try:
+        return import_bundle(zip_path, root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def read_manifest(zip_path: Path) -> dict[str, Any]:
+    """The manifest of a bundle after the same pre-extraction checks ``import_bundle`` runs (for inspection)."""
+    where = str(zip_path)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            return _inspect(where, zf, DEFAULT_MAX_BYTES)[1]
+    except zipfile.BadZipFile:
+        raise AutosegError(f"{where}: not a zip file; expected a model bundle written by autoseg export") from None
+    except OSError as e:
+        raise AutosegError(f"{where}: cannot open the bundle ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _summary(selection: dict[str, list[str]]) -> str:
+    return "; ".join(f"{c} fold(s) {', '.join(f)}" for c, f in selection.items())
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run ``autoseg export``; returns the exit status."""
+    from .paths import Roots, dataset_name
+
+    roots = Roots.from_env()
+    name = dataset_name(args.dataset, roots.results)
+    fingerprint = roots.preprocessed / name / "fingerprint.json"
+    use_fp = not args.no_fingerprint and fingerprint.is_file()
+    manifest = _export(roots.results / name, args.output, args.configurations, args.folds,
+                       fingerprint if use_fp else None)
+    size = sum(e["bytes"] for e in manifest["files"].values())
+    print(f"wrote {args.output}: {name}, {_summary(manifest['selection'])} "
+          f"({len(manifest['files'])} files, {_human(size)} unpacked)")
+    print(f"  fingerprint: {fingerprint if use_fp else 'not included'}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Run ``autoseg import``; returns the exit status."""
+    from .paths import Roots
+
+    if args.max_gb <= 0:
+        raise AutosegError(f"--max-gb must be positive, found {args.max_gb}")
+    roots = Roots.from_env()
+    folder = import_bundle(args.bundle, roots.results, max_bytes=int(args.max_gb * 2**30), overwrite=args.overwrite)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    folds: dict[str, list[str]] = {}
+    for rel in manifest["files"]:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[2] == FINAL:
+            folds.setdefault(parts[0], []).append(parts[1].removeprefix("fold_"))
+    selection = {c: sorted(f, key=_fold_key) for c, f in sorted(folds.items())}
+    print(f"imported {args.bundle} into {folder}: {_summary(selection)} "
+          f"(exported with autoseg {manifest['autoseg_version']} at {manifest['created_utc']})")
+    return 0
+
+
+def add_cli(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Register ``autoseg export`` and ``autoseg import``."""
+    p = subparsers.add_parser(
+        "export", help="pack trained weights, plans and dataset.json into one model zip",
+        description="Write AUTOSEG_RESULTS/DATASET as a model bundle: per configuration plans.json, dataset.json "
+        "and each fold's checkpoint_final.safetensors, plus inference_plan.json and the fingerprint when present, "
+        "and a manifest with SHA-256 hashes. Only final weights are packed; no pickles.",
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id (501) or folder name (Dataset501_Name)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="ZIP", help="bundle to write, e.g. model.zip")
+    p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIG",
+                   help="configurations to pack (default: every one with at least one finished fold)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to pack, e.g. 0 1 2 or all (default: every fold with checkpoint_final)")
+    p.add_argument("--no-fingerprint", action="store_true",
+                   help="leave out AUTOSEG_PREPROCESSED/DATASET/fingerprint.json (packed by default when present)")
+    p.set_defaults(func=run_export)
+
+    q = subparsers.add_parser(
+        "import", help="unpack a model zip into AUTOSEG_RESULTS after checking it",
+        description="Check a model bundle (paths, file kinds, sizes, manifest hashes, plans schema, safetensors "
+        "headers) and install it as AUTOSEG_RESULTS/DATASET. Nothing is written unless every check passes.",
+    )
+    q.add_argument("bundle", type=Path, metavar="ZIP", help="model bundle written by autoseg export")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing AUTOSEG_RESULTS/DATASET (the old folder is deleted after the swap)")
+    q.add_argument("--max-gb", type=float, default=DEFAULT_MAX_BYTES / 2**30,
+                   help=f"refuse bundles that unpack to more than this many GiB "
+                   f"(default {DEFAULT_MAX_BYTES // 2**30})")
+    q.set_defaults(func=run_import)
+    return p, q
