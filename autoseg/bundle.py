@@ -91,9 +91,12 @@ def _select(results_dataset_dir: Path, configurations: list[str] | None,
             raise AutosegError(f"{results_dataset_dir}: no configuration has a fold with {FINAL}; "
                                "train one to the end first (autoseg train)")
         configurations = list(finished)
-    wanted_folds = None if folds is None else [str(f).removeprefix("fold_") for f in folds]
+    wanted_folds = None if folds is None else list(dict.fromkeys(str(f).removeprefix("fold_") for f in folds))
+    for name in [*configurations, *(wanted_folds or [])]:
+        if not _SAFE_NAME.match(name):
+            raise AutosegError(f"'{name}' is not a configuration or fold name (e.g. -c 3d_fullres -f 0 1)")
     selection: dict[str, list[str]] = {}
-    for config in configurations:
+    for config in dict.fromkeys(configurations):
         config_dir = results_dataset_dir / config
         if not config_dir.is_dir():
             have = ", ".join(finished) or "none with a finished fold"
@@ -199,7 +202,8 @@ def _fail(where: str, message: str) -> AutosegError:
     return AutosegError(f"{where}: {message}")
 
 
-def _read_manifest(where: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, dataset: str) -> tuple[dict[str, Any], bytes]:
+def _read_manifest(where: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo,
+                   dataset: str) -> tuple[dict[str, Any], bytes]:
     try:
         raw = zf.read(info)
         manifest = json.loads(raw.decode("utf-8"))

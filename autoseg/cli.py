@@ -218,7 +218,7 @@ def _apply_postprocessing(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import phantom
+    from . import bundle, phantom
 
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_apply_postprocessing)
 
     phantom.add_cli(sub)
+    bundle.add_cli(sub)
     return parser
 
 

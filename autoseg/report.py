@@ -1,0 +1,583 @@
+"""Clinical-style report of predicted label maps: organ and tumour volumes, lesions, tumour burden, overlays.
+
+Measurements (pure functions, no I/O)
+-------------------------------------
+* Volumes: voxel count x voxel volume, in mL (1 mL = 1000 mm^3), per label.
+* Lesions: the 26-connected components of each tumour label (a label named ``X_tumor``/``X_tumour``/``X_lesion``;
+  its organ is label ``X`` when it exists), ranked by volume (lesion 1 = largest).
+* Maximal axial diameter: the largest in-plane Feret (caliper) diameter over the lesion's axial slices, in mm.
+  "Axial" is the array's slice axis (z, ITK index axis 2), the patient's craniocaudal axis for axial CT. On each
+  slice the boundary points are the midpoints of the pixel edges between the lesion and the background (where
+  marching squares would put the contour), so the lesion is measured edge to edge like an on-screen caliper and a
+  single pixel measures one pixel width; like marching squares, the contour cuts each convex corner by half a
+  pixel. The diameter is the largest distance between the convex-hull vertices of
+  those points, with the in-plane spacing applied (direction cosines are orthonormal, so index-space distances
+  scaled by spacing are physical distances).
+* Centroid: mean voxel index, mapped to ITK/LPS physical coordinates (mm) with the image geometry,
+  ``origin + D @ (spacing * index_xyz)``, as ``TransformContinuousIndexToPhysicalPoint`` does.
+* Tumour burden of an organ: tumour volume / (organ volume + tumour volume), where the organ label excludes its
+  tumour, i.e. the tumour's share of the whole organ (0-1). ``liver_tumour_burden`` is the liver's. NaN when the
+  organ and tumour are both absent.
+
+Outputs of ``autoseg report`` (in ``-o``): ``report.csv`` (one row per case), ``report_lesions.csv`` (one row per
+lesion), ``report.json`` (everything, NaN as null), ``overlays/CASE.png`` (axial slices through the largest lesions,
+labels over the CT in an abdominal window W400/L40, or over black without ``-images``; shown in radiological
+convention when the direction is axis-aligned: patient right on the image left, anterior up) and ``report.html``
+linking them relatively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .atomic import atomic_path, write_json
+from .dataset_io import Geometry, read_image
+from .errors import AutosegError
+from .evaluate import (
+    DEFAULT_WORKERS, _TUMOUR_RE, _as_labels, _case_files, _check_label_map, _geometry_mismatch, _positive_int,
+    add_label_flags, json_safe, resolve_labels, tumour_label_values, write_csv,
+)
+from .parallel import map_cases
+
+__all__ = [
+    "DEFAULT_LABELS", "max_axial_diameter", "index_to_world", "lesion_measurements", "case_report",
+    "render_montage", "write_html", "add_cli", "run_cli",
+]
+
+DEFAULT_LABELS: dict[str, int] = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}
+CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, W400 / L40
+OVERLAY_ALPHA = 0.45
+MAX_PANELS = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _edge_midpoints(mask2d: np.ndarray) -> np.ndarray:
+    """(N, 2) (row, col) index coordinates of the midpoints of the pixel edges between mask and background."""
+    mp = np.pad(mask2d, 1)
+    rows, cols = np.nonzero(mp[1:, 1:-1] != mp[:-1, 1:-1])  # horizontal edges: between rows r-1 and r
+    a = np.column_stack([rows - 0.5, cols])
+    rows, cols = np.nonzero(mp[1:-1, 1:] != mp[1:-1, :-1])  # vertical edges: between cols c-1 and c
+    b = np.column_stack([rows, cols - 0.5])
+    return np.concatenate([a, b]).astype(np.float64)
+
+
+def _farthest_pair(points_mm: np.ndarray) -> tuple[float, int, int]:
+    """Largest distance in a point set and the indices of its two ends (convex hull first when large)."""
+    idx = np.arange(len(points_mm))
+    if len(points_mm) > 16:
+        from scipy.spatial import ConvexHull, QhullError
+
+        try:
+            idx = ConvexHull(points_mm).vertices
+        except QhullError:  # all points collinear: every pair is still checked below
+            pass
+    p = points_mm[idx]
+    d2 = ((p[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+    i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
+    return float(math.sqrt(d2[i, j])), int(idx[i]), int(idx[j])
+
+
+def max_axial_diameter(mask: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[float, int, np.ndarray]:
+    """Largest in-plane (axial) Feret diameter of a 3D mask over its slices, edge to edge, in mm.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, (Z, Y, X)
+    spacing_zyx : sequence of float
+        Voxel size in mm; only the in-plane (y, x) spacing matters.
+
+    Returns
+    -------
+    diameter_mm : float
+        0.0 for an empty mask.
+    slice_index : int
+        The z index where the diameter was found (-1 when empty).
+    endpoints : ndarray, (2, 2)
+        The diameter's two ends as (row, col) = (y, x) index coordinates on that slice.
+
+    Examples
+    --------
+    A 3 x 8 pixel rectangle of 0.5 mm pixels (1.5 x 4 mm). The contour through the pixel-edge midpoints cuts each
+    corner by half a pixel (as marching squares does), so the longest chord runs from the middle of the top row's
+    left edge to the middle of the bottom row's right edge: 2 rows x 0.5 mm down, 8 columns x 0.5 mm across.
+
+    >>> m = np.zeros((1, 5, 10), bool); m[0, 1:4, 1:9] = True
+    >>> d, z, ends = max_axial_diameter(m, (1.0, 0.5, 0.5))
+    >>> round(d, 4) == round(math.hypot(1.0, 4.0), 4), z, ends.tolist()
+    (True, 0, [[1.0, 0.5], [3.0, 8.5]])
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3D (Z, Y, X), got {mask.ndim}D")
+    sy, sx = float(spacing_zyx[1]), float(spacing_zyx[2])
+    best, best_z, best_ends = 0.0, -1, np.zeros((2, 2))
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        pts = _edge_midpoints(mask[z])
+        d, i, j = _farthest_pair(pts * (sy, sx))
+        if d > best:
+            best, best_z, best_ends = d, int(z), pts[sorted((i, j), key=lambda k: tuple(pts[k]))]
+    return best, best_z, best_ends
+
+
+def index_to_world(index_zyx: Sequence[float], geometry: Geometry) -> tuple[float, float, float]:
+    """Continuous array index (z, y, x) to ITK physical (LPS) coordinates (x, y, z) in mm.
+
+    >>> g = Geometry(spacing=(2.0, 1.0, 3.0), origin=(10.0, 0.0, -5.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1),
+    ...              shape=(4, 4, 4))
+    >>> index_to_world((1.0, 2.0, 3.0), g)
+    (4.0, 2.0, -2.0)
+    """
+    d = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    ijk = np.asarray(index_zyx, dtype=np.float64)[::-1] * np.asarray(geometry.spacing, dtype=np.float64)
+    p = np.asarray(geometry.origin, dtype=np.float64) + d @ ijk
+    return tuple(float(v) for v in p)
+
+
+def _tumour_organs(label_map: Mapping[str, Any]) -> dict[int, tuple[str, str, int | None]]:
+    """tumour value -> (tumour name, organ name, organ value or None)."""
+    checked = _check_label_map(label_map)
+    by_lower = {n.lower(): (n, v) for n, v in checked.items() if isinstance(v, int) and v}
+    names = {v: n for n, v in checked.items() if isinstance(v, int)}
+    out = {}
+    for value in tumour_label_values(label_map):
+        organ = _TUMOUR_RE.match(names[value]).group("organ")
+        if organ.lower() in by_lower:
+            out[value] = (names[value], by_lower[organ.lower()][0], by_lower[organ.lower()][1])
+        else:
+            out[value] = (names[value], names[value], None)
+    return out
+
+
+def lesion_measurements(
+    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every tumour lesion of a label map: volume, maximal axial diameter and centroid.
+
+    Parameters
+    ----------
+    labels : ndarray of int, (Z, Y, X)
+    geometry : Geometry
+        The label map's geometry (spacing, origin, direction in ITK x, y, z order).
+    label_map : dict, optional
+        ``dataset.json`` labels (default :data:`DEFAULT_LABELS`); tumour labels are those named ``X_tumor``.
+
+    Returns
+    -------
+    list of dict
+        Per lesion, tumour labels in value order and lesions by decreasing volume: ``structure``, ``organ``,
+        ``lesion`` (1 = largest), ``voxels``, ``volume_ml``, ``equivalent_diameter_mm``,
+        ``max_axial_diameter_mm``, ``axial_slice``, ``diameter_endpoints_index`` (two (z, y, x)),
+        ``centroid_index`` (z, y, x) and ``centroid_world_mm`` (x, y, z, ITK/LPS).
+
+    Examples
+    --------
+    >>> lab = np.zeros((3, 6, 6), np.uint8); lab[1, 1:3, 1:5] = 2
+    >>> g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), lab.shape)
+    >>> les = lesion_measurements(lab, g)
+    >>> les[0]["structure"], les[0]["volume_ml"], round(les[0]["max_axial_diameter_mm"], 3), les[0]["centroid_world_mm"]
+    ('liver_tumor', 0.008, 4.123, [2.5, 1.5, 1.0])
+    """
+    labels = _as_labels(labels, "labels")
+    if labels.ndim != 3 or tuple(labels.shape) != tuple(geometry.shape):
+        raise ValueError(f"labels shape {labels.shape} must be 3D and match the geometry's {tuple(geometry.shape)}")
+    label_map = DEFAULT_LABELS if label_map is None else label_map
+    spacing = geometry.spacing_zyx
+    voxel_mm3 = float(np.prod(spacing))
+    tumours = _tumour_organs(label_map)
+    out: list[dict[str, Any]] = []
+    max_value = max(tumours, default=0)
+    boxes = list(ndimage.find_objects(labels, max_label=max_value)) if max_value else []
+    boxes += [None] * (max_value - len(boxes))
+    for value, (name, organ, _) in sorted(tumours.items()):
+        box = boxes[value - 1]
+        if box is None:
+            continue
+        start = np.array([s.start for s in box], dtype=np.float64)
+        cc, n = ndimage.label(labels[box] == value, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:]
+        centroids = np.asarray(ndimage.center_of_mass(cc > 0, cc, np.arange(1, n + 1)), dtype=np.float64)
+        comp_boxes = ndimage.find_objects(cc)
+        for rank, k in enumerate(np.argsort(-sizes, kind="stable"), start=1):
+            cbox = comp_boxes[k]
+            d, z, ends = max_axial_diameter(cc[cbox] == k + 1, spacing)
+            offset = start + [s.start for s in cbox]
+            centroid = centroids[k].reshape(3) + start
+            ends_zyx = [[float(offset[0] + z), float(offset[1] + e[0]), float(offset[2] + e[1])] for e in ends]
+            volume = float(sizes[k] * voxel_mm3)
+            out.append({
+                "structure": name,
+                "organ": organ,
+                "lesion": rank,
+                "voxels": int(sizes[k]),
+                "volume_ml": volume / 1000.0,
+                "equivalent_diameter_mm": float(np.cbrt(6.0 * volume / np.pi)),
+                "max_axial_diameter_mm": d,
+                "axial_slice": int(offset[0] + z),
+                "diameter_endpoints_index": ends_zyx,
+                "centroid_index": [round(float(c), 3) for c in centroid],
+                "centroid_world_mm": [round(c, 3) for c in index_to_world(centroid, geometry)],
+            })
+    return out
+
+
+def case_report(
+    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None, case_id: str = ""
+) -> dict[str, Any]:
+    """Volumes, tumour counts and burden, and lesion measurements of one predicted label map.
+
+    Returns
+    -------
+    dict
+        ``case``, ``volumes_ml`` (per single-value label except background), ``tumour_count``,
+        ``tumour_volume_ml`` and ``tumour_burden`` (per organ, see the module docstring), ``liver_tumour_burden``
+        (NaN without a liver/liver-tumour pair) and ``lesions`` (:func:`lesion_measurements`).
+
+    Examples
+    --------
+    >>> lab = np.zeros((2, 4, 4), np.uint8); lab[0] = 1; lab[0, 0, :2] = 2
+    >>> g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), lab.shape)
+    >>> r = case_report(lab, g, case_id="c1")
+    >>> r["volumes_ml"]["liver"], r["tumour_count"], r["liver_tumour_burden"]
+    (0.014, {'liver': 1, 'kidney': 0}, 0.125)
+    """
+    labels = _as_labels(labels, "labels")
+    label_map = DEFAULT_LABELS if label_map is None else label_map
+    checked = _check_label_map(label_map)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    named = {n: v for n, v in checked.items() if isinstance(v, int) and v != 0}
+    counts = np.bincount(labels.ravel(), minlength=max(named.values(), default=0) + 1)
+    volumes = {n: float(counts[v] * voxel_ml) for n, v in named.items()}
+    lesions = lesion_measurements(labels, geometry, label_map)
+    tumour_count: dict[str, int] = {}
+    tumour_volume: dict[str, float] = {}
+    burden: dict[str, float] = {}
+    for value, (name, organ, organ_value) in sorted(_tumour_organs(label_map).items()):
+        tumour_count[organ] = tumour_count.get(organ, 0) + sum(les["structure"] == name for les in lesions)
+        tumour_volume[organ] = tumour_volume.get(organ, 0.0) + volumes[name]
+        whole = tumour_volume[organ] + (volumes[organ] if organ_value else 0.0)
+        burden[organ] = tumour_volume[organ] / whole if whole > 0 else math.nan
+    return {
+        "case": case_id,
+        "volumes_ml": volumes,
+        "tumour_count": tumour_count,
+        "tumour_volume_ml": tumour_volume,
+        "tumour_burden": burden,
+        "liver_tumour_burden": burden.get("liver", math.nan),
+        "lesions": lesions,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _palette(max_value: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"].colors
+    table = np.zeros((max_value + 1, 4), dtype=np.float32)
+    for v in range(1, max_value + 1):
+        table[v, :3] = colours[v % len(colours)]
+        table[v, 3] = OVERLAY_ALPHA
+    return table
+
+
+def _display_flips(geometry: Geometry) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that show an axial slice in radiological convention for axis-aligned directions."""
+    d = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    flip_cols = abs(d[0, 0]) >= 0.5 and d[0, 0] < 0  # index x runs toward patient right: mirror
+    flip_rows = abs(d[1, 1]) >= 0.5 and d[1, 1] < 0  # index y runs anterior: mirror
+    return flip_rows, flip_cols
+
+
+def _panel_slices(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], max_panels: int) -> list[int]:
+    slices: list[int] = []
+    for les in sorted(lesions, key=lambda les: -les["volume_ml"]):
+        if les["axial_slice"] not in slices:
+            slices.append(les["axial_slice"])
+        if len(slices) == max_panels:
+            break
+    if not slices:
+        per_slice = np.count_nonzero(labels.reshape(labels.shape[0], -1), axis=1)
+        slices = [int(per_slice.argmax()) if per_slice.any() else labels.shape[0] // 2]
+    return slices
+
+
+def render_montage(
+    path: str | Path,
+    labels: np.ndarray,
+    geometry: Geometry,
+    lesions: Sequence[Mapping[str, Any]],
+    image: np.ndarray | None = None,
+    label_map: Mapping[str, Any] | None = None,
+    title: str = "",
+    max_panels: int = MAX_PANELS,
+) -> list[int]:
+    """Write a PNG of axial slices through the largest lesions (or the slice with most foreground), labels
+    coloured over the CT (abdominal window) or over black; each lesion's maximal axial diameter is drawn on its
+    slice. Returns the slice indices shown."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    label_map = DEFAULT_LABELS if label_map is None else label_map
+    named = {v: n for n, v in _check_label_map(label_map).items() if isinstance(v, int) and v}
+    slices = _panel_slices(labels, lesions, max_panels)
+    palette = _palette(max(int(labels.max(initial=0)), max(named, default=0)))
+    flip_rows, flip_cols = _display_flips(geometry)
+    sz, sy, sx = geometry.spacing_zyx
+    ny, nx = labels.shape[1:]
+
+    def oriented(a: np.ndarray) -> np.ndarray:
+        a = a[::-1] if flip_rows else a
+        return a[:, ::-1] if flip_cols else a
+
+    fig = Figure(figsize=(3.4 * len(slices), 3.9), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    for ax, z in zip(axes, slices):
+        if image is not None:
+            ax.imshow(oriented(image[z]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
+                      aspect=sy / sx, interpolation="nearest")
+        else:
+            ax.imshow(np.zeros((ny, nx)), cmap="gray", vmin=0, vmax=1, aspect=sy / sx)
+        ax.imshow(oriented(palette[labels[z]]), aspect=sy / sx, interpolation="nearest")
+        for les in lesions:
+            if les["axial_slice"] != z:
+                continue
+            (_, y0, x0), (_, y1, x1) = les["diameter_endpoints_index"]
+            ys = [ny - 1 - y0, ny - 1 - y1] if flip_rows else [y0, y1]
+            xs = [nx - 1 - x0, nx - 1 - x1] if flip_cols else [x0, x1]
+            ax.plot(xs, ys, color="yellow", linewidth=1.0)
+            ax.text(xs[1], ys[1], f" {les['structure']} {les['lesion']}: {les['max_axial_diameter_mm']:.1f} mm",
+                    color="yellow", fontsize=6)
+        ax.set_title(f"slice z={z}", fontsize=8)
+        ax.set_axis_off()
+    present = [v for v in sorted(named) if np.any(labels[slices] == v)]
+    if present:
+        fig.legend(handles=[Patch(color=palette[v][:3], label=named[v]) for v in present], loc="lower center",
+                   ncol=len(present), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return slices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables and HTML
+
+
+def _csv_row(rep: Mapping[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": rep["case"]}
+    row.update({f"{n}_ml": v for n, v in rep["volumes_ml"].items()})
+    row.update({f"n_{organ}_tumours": n for organ, n in rep["tumour_count"].items()})
+    row.update({f"{organ}_tumour_burden": b for organ, b in rep["tumour_burden"].items()})
+    row["largest_axial_diameter_mm"] = max((les["max_axial_diameter_mm"] for les in rep["lesions"]), default=0.0)
+    return row
+
+
+def _lesion_rows(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for les in rep["lesions"]:
+        row = {"case": rep["case"], **les}
+        for key in ("centroid_index", "centroid_world_mm"):
+            row[key] = " ".join(f"{v:g}" for v in les[key])
+        row.pop("diameter_endpoints_index")
+        rows.append(row)
+    return rows
+
+
+def _num(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: Mapping[str, str]) -> None:
+    """One HTML page: a table of all cases, then per case its lesions and overlay (``images``: case -> relative
+    link)."""
+    e = html.escape
+    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>autoseg report</title><style>",
+           "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;margin:.5em 0}"
+           " td,th{border:1px solid #bbb;padding:2px 6px;text-align:right} th{background:#eee}"
+           " img{max-width:100%}</style></head><body><h1>autoseg report</h1>",
+           f"<p>{len(reports)} case(s). Volumes in mL; burden = tumour / (organ + tumour) volume; diameters are the "
+           "maximal axial (in-plane) diameters.</p>"]
+    if reports:
+        vol_names = list(reports[0]["volumes_ml"])
+        organs = list(reports[0]["tumour_count"])
+        out.append("<table><tr><th>case</th>" + "".join(f"<th>{e(n)} mL</th>" for n in vol_names)
+                   + "".join(f"<th>{e(o)} tumours</th><th>{e(o)} burden</th>" for o in organs) + "</tr>")
+        for rep in reports:
+            cells = "".join(f"<td>{_num(rep['volumes_ml'][n], '.1f')}</td>" for n in vol_names)
+            cells += "".join(f"<td>{rep['tumour_count'][o]}</td><td>{_num(rep['tumour_burden'][o], '.3f')}</td>"
+                             for o in organs)
+            out.append(f"<tr><td><a href='#{e(rep['case'])}'>{e(rep['case'])}</a></td>{cells}</tr>")
+        out.append("</table>")
+    for rep in reports:
+        out.append(f"<h2 id='{e(rep['case'])}'>{e(rep['case'])}</h2>")
+        if rep["lesions"]:
+            out.append("<table><tr><th>lesion</th><th>volume mL</th><th>max axial diameter mm</th>"
+                       "<th>slice</th><th>centroid x, y, z mm (LPS)</th></tr>")
+            for les in rep["lesions"]:
+                c = ", ".join(f"{v:.1f}" for v in les["centroid_world_mm"])
+                out.append(f"<tr><td>{e(les['structure'])} {les['lesion']}</td><td>{les['volume_ml']:.2f}</td>"
+                           f"<td>{les['max_axial_diameter_mm']:.1f}</td><td>{les['axial_slice']}</td>"
+                           f"<td>{c}</td></tr>")
+            out.append("</table>")
+        else:
+            out.append("<p>no tumour</p>")
+        if rep["case"] in images:
+            out.append(f"<p><img src='{e(images[rep['case']])}' alt='{e(rep['case'])} overlay'></p>")
+    out.append("</body></html>")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(out) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders and command line
+
+
+@dataclass(frozen=True)
+class _ReportTask:
+    case: str
+    pred: str
+    image: str | None
+    png: str
+    label_map: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        return f"case {self.case}"
+
+
+def _report_task(task: _ReportTask) -> dict[str, Any]:
+    labels, geometry = read_image(task.pred)
+    image = None
+    if task.image is not None:
+        image, image_geo = read_image(task.image)
+        problem = _geometry_mismatch(Path(task.pred), geometry, Path(task.image), image_geo)
+        if problem:
+            raise AutosegError(problem.replace("reference", "image") + "; the prediction must lie on its image's grid")
+    label_map = dict(task.label_map)
+    try:
+        rep = case_report(labels, geometry, label_map, task.case)
+    except ValueError as e:
+        raise AutosegError(f"{task.pred}: {e}") from None
+    render_montage(task.png, labels, geometry, rep["lesions"], image, label_map, title=task.case)
+    return rep
+
+
+def _find_image(folder: Path, case: str, ending: str) -> Path | None:
+    for name in (f"{case}_0000{ending}", f"{case}{ending}"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def report_folder(
+    pred_dir: str | Path,
+    out_dir: str | Path,
+    label_map: Mapping[str, Any],
+    file_ending: str = ".nii.gz",
+    image_dir: str | Path | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Report every ``PRED_DIR/CASE<file_ending>``: writes ``report.csv``, ``report_lesions.csv``, ``report.json``,
+    ``overlays/CASE.png`` and ``report.html`` in ``out_dir``; returns the per-case reports. Missing images (when
+    ``image_dir`` is given) and unreadable cases are raised together as one :class:`AutosegError`."""
+    import pandas as pd
+
+    pred_dir, out_dir = Path(pred_dir), Path(out_dir)
+    if not pred_dir.is_dir():
+        raise AutosegError(f"{pred_dir}: prediction folder not found")
+    checked = _check_label_map(label_map)
+    cases = _case_files(pred_dir, file_ending)
+    if not cases:
+        raise AutosegError(f"{pred_dir}: holds no label map CASE{file_ending}; is the file ending right?")
+    images: dict[str, Path | None] = {c: None for c in cases}
+    if image_dir is not None:
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise AutosegError(f"{image_dir}: image folder not found")
+        images = {c: _find_image(image_dir, c, file_ending) for c in cases}
+        missing = [c for c, p in images.items() if p is None]
+        if missing:
+            raise AutosegError(
+                f"{len(missing)} case(s) have no image in {image_dir}: {', '.join(missing)} (expected "
+                f"CASE_0000{file_ending} or CASE{file_ending}); add them or leave out -images"
+            )
+    tasks = [
+        _ReportTask(c, str(p), None if images[c] is None else str(images[c]), str(out_dir / "overlays" / f"{c}.png"),
+                    tuple((n, list(v) if isinstance(v, tuple) else v) for n, v in checked.items()))
+        for c, p in cases.items()
+    ]
+    outcomes = map_cases(_report_task, tasks, num_workers, desc="report", progress=progress)
+    errors = [err for _, err in outcomes if err is not None]
+    if errors:
+        raise AutosegError(f"{len(errors)} case(s) could not be reported:\n" + "\n".join(f"  - {e}" for e in errors))
+    reports = [rep for rep, _ in outcomes]
+    write_csv(out_dir / "report.csv", pd.DataFrame([_csv_row(r) for r in reports]))
+    lesion_columns = ["case", "structure", "organ", "lesion", "voxels", "volume_ml", "equivalent_diameter_mm",
+                      "max_axial_diameter_mm", "axial_slice", "centroid_index", "centroid_world_mm"]
+    write_csv(out_dir / "report_lesions.csv",
+              pd.DataFrame([row for r in reports for row in _lesion_rows(r)], columns=lesion_columns))
+    write_json(out_dir / "report.json", json_safe({
+        "cases": reports, "labels": dict(label_map),
+        "definitions": {
+            "volumes_ml": "voxel count x voxel volume",
+            "tumour_burden": "tumour volume / (organ volume + tumour volume); the organ label excludes its tumour",
+            "max_axial_diameter_mm": "largest in-plane Feret diameter over the lesion's axial slices, measured "
+            "between pixel-edge midpoints (edge to edge)",
+            "centroid_world_mm": "mean voxel index mapped to ITK/LPS physical coordinates (x, y, z)",
+            "lesion": "26-connected component of a tumour label, 1 = largest",
+        },
+    }))
+    write_html(out_dir / "report.html", reports, {c: f"overlays/{c}.png" for c in cases})
+    return reports
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``autoseg report``."""
+    p = subparsers.add_parser(
+        "report",
+        help="per-case volumes, tumour counts and burden, lesion diameters and overlay images of predictions",
+        description="Measure predicted label maps: organ and tumour volumes (mL), tumours per organ, per lesion "
+        "volume, maximal axial diameter and centroid (LPS mm), liver tumour burden; write report.csv, "
+        "report_lesions.csv, report.json, overlays/CASE.png and report.html.",
+    )
+    p.add_argument("-i", "--input", dest="input", required=True, metavar="PRED_DIR",
+                   help="folder of predicted label maps CASE<file_ending>")
+    p.add_argument("-images", "--images", dest="images", default=None, metavar="IMG_DIR",
+                   help="folder with the CT images (CASE_0000<file_ending>, e.g. imagesTs/) to draw the labels over; "
+                   "default: labels over black")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write the report into")
+    add_label_flags(p)
+    p.add_argument("-np", "--num-workers", type=_positive_int, default=DEFAULT_WORKERS,
+                   help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``autoseg report``; returns the exit status."""
+    pred = Path(args.input)
+    label_map, ending = resolve_labels(args.dataset, args.labels, [pred])
+    reports = report_folder(pred, args.output, label_map, ending, args.images, args.num_workers)
+    n_lesions = sum(len(r["lesions"]) for r in reports)
+    print(f"{len(reports)} case(s), {n_lesions} lesion(s)")
+    for r in reports:
+        counts = ", ".join(f"{o} {n}" for o, n in r["tumour_count"].items())
+        burden = r["liver_tumour_burden"]
+        print(f"  {r['case']}: tumours {counts or '-'}; liver tumour burden {_num(burden, '.3f')}")
+    print(f"wrote {Path(args.output) / 'report.html'} (and report.csv, report_lesions.csv, report.json)")
+    return 0
