@@ -218,7 +218,7 @@ def _apply_postprocessing(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bundle, phantom
+    from . import bundle, demo, evaluate, phantom, report
 
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     p.set_defaults(func=_apply_postprocessing)
 
+    evaluate.add_cli(sub)
+    report.add_cli(sub)
+    demo.add_cli(sub)
     phantom.add_cli(sub)
     bundle.add_cli(sub)
     return parser

@@ -15,7 +15,9 @@ count as surface (outside the array is background). Distances are Euclidean betw
 with ``scipy.ndimage.distance_transform_edt(~surface_other, sampling=spacing_zyx)`` and read at this mask's surface
 voxels, i.e. the distance from each surface voxel to the *surface* of the other mask (not to its interior: a
 prediction lying inside the reference still has a non-zero distance). Both masks are cropped to their joint
-bounding box plus one voxel first; distances between voxels inside the box do not depend on the crop.
+bounding box plus one voxel first; distances between voxels inside the box do not depend on the crop. For a large
+box with sparse surfaces (an organ) the same exact distances come from a k-d tree over the surface voxel centres
+(``scipy.spatial.cKDTree``), about ten times faster than the distance transform there.
 
 * ``hd95_mm``: the 95th percentile (numpy's linear interpolation) of the *union* of both directed surface-distance
   sets, as MedPy's ``hd95``. MONAI (``percentile=95``) and DeepMind's ``surface-distance`` instead take the larger of
@@ -24,8 +26,8 @@ bounding box plus one voxel first; distances between voxels inside the box do no
 * ``assd_mm``: the mean over the union of both sets (MONAI's symmetric average surface distance; MedPy instead
   averages the two directed means, which differs when the surfaces have different voxel counts).
 * ``surface_dice`` (normalised surface distance, Nikolov et al. 2021) at ``tolerance_mm``: the fraction of surface
-  voxels of both masks lying within ``<= tolerance_mm`` of the other surface, counted in voxels (MONAI's variant;
-  DeepMind's weights surface elements by area).
+  voxels of both masks lying within ``<= tolerance_mm`` (+1e-6 mm for float rounding) of the other surface,
+  counted in voxels (MONAI's variant; DeepMind's weights surface elements by area).
 
 Regions. A label given as a list in ``dataset.json`` is a region (union of its values). Without explicit regions,
 every organ/tumour pair named ``X`` and ``X_tumor``/``X_tumour`` gets the region ``X_region`` = both values: for the
@@ -106,8 +108,11 @@ METRIC_KEYS = (
 )
 COUNT_KEYS = ("tp_voxels", "fp_voxels", "fn_voxels")
 DISTANCE_KEYS = ("hd95_mm", "hd_mm", "assd_mm")
-_TUMOUR_RE = re.compile(r"^(?P<organ>.+?)[ _\-]?(tumou?rs?|lesions?)$", re.IGNORECASE)
+_TUMOUR_RE = re.compile(r"^(?:(?P<organ>.+?)[ _\-]?)?(tumou?rs?|lesions?)$", re.IGNORECASE)
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+EDT_MAX_VOXELS = 2_000_000  # larger boxes may use a k-d tree over surface voxels (same distances, faster)
+KDTREE_SPARSITY = 8  # ... when fewer than 1/8 of the box's voxels are surface voxels
+DISTANCE_EPS_MM = 1e-6  # a distance equal to the tolerance up to float rounding (0.6**2 + 0.8**2) still counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +138,9 @@ def _as_mask(a: Any, name: str) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise TypeError(f"{name} must be a boolean mask, got dtype {a.dtype}")
     if a.size and not np.isin(a, (0, 1)).all():
-        raise ValueError(f"{name} must be a boolean mask (or hold only 0 and 1); got values beyond 0/1 (dtype {a.dtype})")
+        raise ValueError(
+            f"{name} must be a boolean mask (or hold only 0 and 1); got values beyond 0/1 (dtype {a.dtype})"
+        )
     return a != 0
 
 
@@ -187,12 +194,31 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def _surface_distances(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], method: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Directed surface distances (mm): from each pred surface voxel to ref's surface, and back."""
+    """Directed surface distances (mm): from each pred surface voxel to ref's surface, and back.
+
+    ``edt``: Euclidean distance transform of the other surface's complement over the (cropped) grid. ``kdtree``:
+    nearest neighbour among the other surface's voxel centres in mm. Both are exact and give the same distances;
+    ``auto`` takes the k-d tree when the grid is large and the surfaces sparse in it (an organ: 15 M voxels in the
+    box, 0.3 M on the surfaces, ~10x faster), else the distance transform.
+    """
     sp, sr = _surface(pred), _surface(ref)
-    d_pred = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
-    d_ref = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+    if method == "auto":
+        n_surface = int(np.count_nonzero(sp)) + int(np.count_nonzero(sr))
+        method = "kdtree" if pred.size > EDT_MAX_VOXELS and n_surface * KDTREE_SPARSITY < pred.size else "edt"
+    if method == "edt":
+        d_pred = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
+        d_ref = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+    elif method == "kdtree":
+        from scipy.spatial import cKDTree
+
+        s = np.asarray(spacing, dtype=np.float64)
+        p_mm, r_mm = np.argwhere(sp) * s, np.argwhere(sr) * s
+        d_pred = cKDTree(r_mm).query(p_mm)[0]
+        d_ref = cKDTree(p_mm).query(r_mm)[0]
+    else:
+        raise ValueError(f"method must be 'auto', 'edt' or 'kdtree', got {method!r}")
     return d_pred, d_ref
 
 
@@ -257,7 +283,7 @@ def binary_metrics(
             hd95_mm=float(np.percentile(both, 95)),
             hd_mm=float(both.max()),
             assd_mm=float(both.mean()),
-            surface_dice=float(np.count_nonzero(both <= tolerance_mm)) / both.size,
+            surface_dice=float(np.count_nonzero(both <= tolerance_mm + DISTANCE_EPS_MM)) / both.size,
         )
     out.update(
         volume_pred_ml=n_pred * voxel_ml,
@@ -425,7 +451,7 @@ def default_regions(labels: Mapping[str, Any]) -> dict[str, list[int]]:
     regions = {}
     for name, value in _check_label_map(labels).items():
         m = _TUMOUR_RE.match(name)
-        if isinstance(value, int) and value != 0 and m and m.group("organ").lower() in plain:
+        if isinstance(value, int) and value != 0 and m and (m.group("organ") or "").lower() in plain:
             organ, organ_value = plain[m.group("organ").lower()]
             regions[f"{organ}_region"] = [organ_value, value]
     return regions
@@ -540,7 +566,8 @@ def evaluate_case(
     result: dict[str, Any] = {"structures": {}, "lesions": {}}
     for name, (kind, values) in structures.items():
         p, r, _ = crop(values)
-        result["structures"][name] = {"kind": kind, "values": list(values), **binary_metrics(p, r, spacing, tolerance_mm)}
+        metrics = binary_metrics(p, r, spacing, tolerance_mm)
+        result["structures"][name] = {"kind": kind, "values": list(values), **metrics}
     for value in tumours:
         p, r, box = crop([value])
         result["lesions"][names.get(value, f"label_{value}")] = _lesion_detection(
@@ -551,7 +578,6 @@ def evaluate_case(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset summary
-
 
 
 def _f1(precision: float, recall: float, n_ref: int, n_pred: int) -> float:
@@ -601,8 +627,9 @@ def summarize(per_case: Any, lesions: Any, n_cases: int, tolerance_mm: float = 1
     """Dataset summary from the per-case frame and lesion frame that :func:`evaluate_folders` builds.
 
     Per label/region: ``n_cases``, ``dice_mean``, ``dice_median``, ``dice_global`` (voxel-pooled), the mean of
-    every other metric (NaN ignored) and ``<distance>_n_undefined``. Per tumour label: ``false_positives``,
-    ``false_positives_per_case`` and :func:`detection_stats` under ``detection``.
+    every other metric (NaN ignored) and ``<distance>_n_undefined`` (cases where it is NaN), under ``structures``.
+    Per tumour label, under ``lesion_detection``: ``false_positives``, ``false_positives_per_case`` and the
+    ``iou`` / ``any`` entries of :func:`detection_stats`.
     """
     structures: dict[str, Any] = {}
     for name, g in per_case.groupby("structure", sort=False):
@@ -725,7 +752,9 @@ def _frames(results: list[dict[str, Any]]) -> tuple[Any, Any]:
     lesion_columns = ["case", "structure", "source", "lesion", "voxels", "volume_ml", "diameter_mm", "size_bin",
                       "centroid_index", "iou", "n_overlapping", "detected_iou", "detected_any", "matched_iou",
                       "matched_any", "false_positive"]
-    return pd.DataFrame(rows, columns=columns), pd.DataFrame(lesion_rows, columns=lesion_columns)
+    lesions = pd.DataFrame(lesion_rows, columns=lesion_columns)
+    lesions = lesions.astype({"n_overlapping": "Int64", **{c: "boolean" for c in lesion_columns[-5:]}})
+    return pd.DataFrame(rows, columns=columns), lesions
 
 
 def evaluate_folders(
@@ -876,7 +905,9 @@ def _read_labels_json(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AutosegError(f"{path}: cannot read labels JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
-        raise AutosegError(f"{path}: needs a 'labels' object like dataset.json's, e.g. {{\"background\": 0, \"liver\": 1}}")
+        raise AutosegError(
+            f"{path}: needs a 'labels' object like dataset.json's, e.g. {{\"background\": 0, \"liver\": 1}}"
+        )
     try:
         _check_label_map(meta["labels"])
     except ValueError as e:
@@ -925,15 +956,15 @@ def _tolerance(text: str) -> float:
     return v
 
 
-def add_label_flags(p: argparse.ArgumentParser) -> None:
+def add_label_flags(p: argparse.ArgumentParser, fallback: str = "the input folder") -> None:
     """``-d DATASET | --labels JSON``, shared by ``evaluate`` and ``report``."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("-d", "--dataset", default=None,
                    help="dataset id (501) or name (Dataset501_Name) whose AUTOSEG_RAW dataset.json defines the labels "
                    "and file ending")
     g.add_argument("--labels", default=None, metavar="JSON",
-                   help="a dataset.json (or any JSON with a 'labels' object) defining the labels; default: -d, else "
-                   "a dataset.json in the input folder")
+                   help="a dataset.json (or any JSON with a 'labels' object) defining the labels; without -d or "
+                   f"--labels, a dataset.json in {fallback} is used")
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -950,7 +981,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="folder of reference label maps CASE<file_ending> (e.g. labelsTr/ or labelsTs/)")
     p.add_argument("-pred", "--pred", dest="pred", required=True, metavar="PRED_DIR",
                    help="folder of predicted label maps with the same file names and geometry")
-    add_label_flags(p)
+    add_label_flags(p, "PRED_DIR or REF_DIR's parent (the raw dataset folder)")
     p.add_argument("-o", "--output", default=None, metavar="OUT_DIR",
                    help="where to write evaluation.csv, lesions.csv and summary.json (default: PRED_DIR)")
     p.add_argument("--tolerance-mm", type=_tolerance, default=1.0,

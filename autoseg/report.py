@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 from scipy import ndimage
@@ -49,7 +50,7 @@ from .parallel import map_cases
 
 __all__ = [
     "DEFAULT_LABELS", "max_axial_diameter", "index_to_world", "lesion_measurements", "case_report",
-    "render_montage", "write_html", "add_cli", "run_cli",
+    "render_montage", "write_html", "report_folder", "add_cli", "run_cli",
 ]
 
 DEFAULT_LABELS: dict[str, int] = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}
@@ -151,7 +152,7 @@ def _tumour_organs(label_map: Mapping[str, Any]) -> dict[int, tuple[str, str, in
     names = {v: n for n, v in checked.items() if isinstance(v, int)}
     out = {}
     for value in tumour_label_values(label_map):
-        organ = _TUMOUR_RE.match(names[value]).group("organ")
+        organ = _TUMOUR_RE.match(names[value]).group("organ") or ""
         if organ.lower() in by_lower:
             out[value] = (names[value], by_lower[organ.lower()][0], by_lower[organ.lower()][1])
         else:
@@ -343,9 +344,10 @@ def render_montage(
         a = a[::-1] if flip_rows else a
         return a[:, ::-1] if flip_cols else a
 
-    fig = Figure(figsize=(3.4 * len(slices), 3.9), dpi=100)
+    fig = Figure(figsize=(3.6 * len(slices), 4.0), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.07, top=0.9, wspace=0.03)
     for ax, z in zip(axes, slices):
         if image is not None:
             ax.imshow(oriented(image[z]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
@@ -542,7 +544,7 @@ def report_folder(
             "lesion": "26-connected component of a tumour label, 1 = largest",
         },
     }))
-    write_html(out_dir / "report.html", reports, {c: f"overlays/{c}.png" for c in cases})
+    write_html(out_dir / "report.html", reports, {c: "overlays/" + quote(f"{c}.png") for c in cases})
     return reports
 
 
@@ -561,7 +563,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="folder with the CT images (CASE_0000<file_ending>, e.g. imagesTs/) to draw the labels over; "
                    "default: labels over black")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write the report into")
-    add_label_flags(p)
+    add_label_flags(p, "PRED_DIR")
     p.add_argument("-np", "--num-workers", type=_positive_int, default=DEFAULT_WORKERS,
                    help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
     p.set_defaults(func=run_cli)
