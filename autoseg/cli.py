@@ -47,7 +47,10 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     roots = Roots.from_env()
     name = dataset_name(args.dataset, roots.raw)
     raw, out = roots.raw / name, roots.preprocessed / name
-    meta = check_dataset(raw, num_workers=args.num_workers) if args.verify else load_dataset_json(raw)
+    warnings: list[str] = []
+    meta = check_dataset(raw, warnings, num_workers=args.num_workers) if args.verify else load_dataset_json(raw)
+    for w in warnings:  # allowed oddities found by --verify (e.g. an all-background label map)
+        print(f"warning: {w}", file=sys.stderr)
     cases, problems = images_in_folder(raw / "imagesTr", meta["file_ending"], len(meta["channel_names"]),
                                        raw / "labelsTr")
     if problems:
@@ -345,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except AutosegError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # no permission, disk full, a file where a folder is expected, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check that the path exists, that every folder on it is a folder "
+              "(not a file), that you may read and write there and that the disk has free space", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun continues from there", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import __version__
-from .dataset_io import Case, read_case
+from .dataset_io import Case, label_values, read_case
 from .errors import AutosegError, DatasetError
 from .parallel import map_cases
 from .schemas import validate
@@ -129,9 +129,16 @@ def compute_fingerprint(
     Every unreadable case is reported together; a fingerprint of part of a dataset is never written.
     """
     if not cases:
-        raise AutosegError(f"dataset {dataset_name}: no training cases found in imagesTr")
+        raise AutosegError(f"dataset {dataset_name}: no training cases found in imagesTr; add the training images as "
+                           f"CASE_XXXX{meta['file_ending']} (or check AUTOSEG_RAW)")
     results = map_cases(_case_worker, cases, num_workers, desc="fingerprint", progress=progress)
     errors = [err for _, err in results if err]
+    declared = set(label_values(meta))  # without --verify, the only check before undeclared values reach training
+    for case, (res, _) in zip(cases, results):
+        undeclared = sorted(int(v) for v in (res[0]["class_voxels"] if res else {}) if int(v) not in declared)
+        if undeclared:
+            errors.append(f"{case.label}: label values {undeclared} are not declared in dataset.json 'labels' "
+                          f"(declared: {sorted(declared)}); declare them in 'labels' or fix the label map")
     if errors:
         raise DatasetError(errors)
     return summarize(dataset_name, meta, [r[0] for r, _ in results], [r[1] for r, _ in results])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, TypeVar
 
 from tqdm import tqdm
@@ -19,6 +20,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _describe(item: object) -> str:
+    """A short name for an item in messages: ``case <id>`` for a Case (or a job tuple starting with one), else
+    ``str(item)`` cut to 200 characters (a preprocessing job also carries the whole plan)."""
+    for x in (item, item[0] if isinstance(item, tuple) and item else None):
+        case_id = getattr(x, "case_id", None)
+        if case_id is not None:
+            return f"case {case_id}"
+    text = str(item)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _guarded(args: tuple[Callable[[T], R], T]) -> tuple[R | None, str | None]:
     fn, item = args
     try:
@@ -26,7 +38,7 @@ def _guarded(args: tuple[Callable[[T], R], T]) -> tuple[R | None, str | None]:
     except AutosegError as e:
         return None, str(e)
     except MemoryError:
-        return None, f"{item}: out of memory while processing this case; lower -np to give each worker more RAM"
+        return None, f"{_describe(item)}: out of memory while processing this case; lower -np to give each worker more RAM"
 
 
 def map_cases(
@@ -35,7 +47,8 @@ def map_cases(
     """``[(result, None) | (None, error message)]`` for each item, in order. ``fn`` must be a module-level function.
 
     Only user-facing errors (``AutosegError``) and memory exhaustion are caught; anything else is a bug and
-    propagates with its traceback.
+    propagates with its traceback. A worker process that dies outright (the OOM killer) raises an ``AutosegError``
+    naming the items that did not finish.
     """
     items = list(items)
     bar = dict(total=len(items), desc=desc, unit="case", disable=not progress, leave=False)
@@ -44,4 +57,13 @@ def map_cases(
         return [_guarded(j) for j in tqdm(jobs, **bar)]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(num_workers, len(items)), mp_context=ctx) as pool:
-        return list(tqdm(pool.map(_guarded, jobs), **bar))
+        futures = [pool.submit(_guarded, j) for j in jobs]
+        try:
+            return [f.result() for f in tqdm(futures, **bar)]
+        except BrokenProcessPool:  # a worker died without a Python exception: the OOM killer, a crash, os._exit
+            lost = [_describe(it) for it, f in zip(items, futures) if not f.done() or f.exception() is not None]
+            raise AutosegError(
+                f"a worker process died abruptly (killed by the system, most likely out of memory) while running "
+                f"{desc or 'the job'}; {len(lost)} of {len(items)} item(s) did not finish: {', '.join(lost)}. "
+                f"Rerun with fewer worker processes (lower -np, e.g. -np 1) so each has more RAM"
+            ) from None

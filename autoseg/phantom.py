@@ -75,6 +75,7 @@ SIZES: dict[str, SizePreset] = {
     "small": SizePreset(60, (56, 64), (24, 40)),
     "demo": SizePreset(128, (120, 136), (56, 80)),
     "bench": SizePreset(128, (120, 136), (72, 88)),  # the preprocessing benchmark's ~128x128x80
+    "large": SizePreset(256, (248, 264), (140, 160)),  # the prediction benchmark's ~256x256x150
 }
 INPLANE_FOV_MM = (350.0, 385.0)
 Z_FOV_MM = (200.0, 300.0)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .evaluate import dice_per_label
+
 STRUCTURE = ndimage.generate_binary_structure(3, 3)  # 26-connectivity: diagonal neighbours touch
 
 
@@ -39,12 +41,7 @@ def apply_postprocessing(seg: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 def mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int]) -> float:
     """Mean over cases and labels of Dice (1 when a label is absent from both prediction and reference)."""
-    scores = []
-    for p, r in zip(preds, refs):
-        for v in labels:
-            a, b = p == v, r == v
-            denom = int(a.sum()) + int(b.sum())
-            scores.append(1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom)
+    scores = [d for p, r in zip(preds, refs) for d in dice_per_label(p, r, labels).values()]
     return float(np.mean(scores)) if scores else 0.0
 
 

@@ -26,8 +26,18 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
 
 def validate(obj: dict[str, Any], kind: str, source: str = "") -> None:
     """Raise an ``AutosegError`` listing every schema violation of ``obj`` (``kind``: fingerprint or plans)."""
+    where = f"{source}: " if source else ""
+    supported = _validator(kind).schema.get("properties", {}).get("schema_version", {}).get("const")
+    found = obj.get("schema_version") if isinstance(obj, dict) else None
+    if supported is not None and found is not None and found != supported:  # say so, not "1 was expected"
+        from . import __version__
+
+        raise AutosegError(
+            f"{where}{kind} schema_version {found!r} is not supported: this autoseg ({__version__}) reads "
+            f"schema_version {supported}, so another autoseg version wrote this file; recreate it with this version "
+            "(delete it and rerun `autoseg plan_and_preprocess`) or use the autoseg version that wrote it"
+        )
     errors = sorted(_validator(kind).iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
-        where = f"{source}: " if source else ""
         lines = [f"  - at {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors[:20]]
         raise AutosegError(f"{where}{kind} does not match its schema (autoseg {kind} schema v1):\n" + "\n".join(lines))

@@ -30,6 +30,7 @@ from .atomic import atomic_path, write_json
 from .data import BatchLoader
 from .dataset_io import write_image, write_probabilities
 from .errors import AutosegError
+from .evaluate import dice_per_label
 from .losses import SegmentationLoss
 from .network import build_network, ds_scales
 from .paths import Roots
@@ -263,16 +264,6 @@ def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: list[int]) -> dict[str, float]:
-    """Dice per label value; 1.0 when both are empty, 0.0 when exactly one is."""
-    out = {}
-    for v in labels:
-        p, r = pred == v, ref == v
-        denom = int(p.sum()) + int(r.sum())
-        out[str(v)] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
-    return out
 
 
 def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], config: dict[str, Any],
