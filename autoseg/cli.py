@@ -56,7 +56,10 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     if problems:
         raise DatasetError(problems + ["run with --verify for a full check of every file"])
     fp_path = out / "fingerprint.json"
-    fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
+    try:
+        fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AutosegError(f"{fp_path}: not valid JSON ({e}); delete it to recompute the fingerprint") from None
     if fingerprint is None or [c["case"] for c in fingerprint["cases"]] != [c.case_id for c in cases]:
         fingerprint = compute_fingerprint(name, meta, cases, args.num_workers)
         write_json(fp_path, fingerprint)

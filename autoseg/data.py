@@ -83,8 +83,8 @@ def load_case(folder: Path, case_id: str) -> PreprocessedCase:
             return reader(path)
         except Exception as e:
             raise AutosegError(
-                f"case {case_id}: cannot read {path} ({type(e).__name__}: {e}); "
-                "rerun `autoseg plan_and_preprocess` to regenerate the preprocessed data"
+                f"case {case_id}: cannot read {path} ({type(e).__name__}: {e}); delete {folder / case_id}.json and "
+                "rerun `autoseg plan_and_preprocess` to regenerate this case (a rerun skips cases whose .json exists)"
             ) from e
 
     props = read(".json", lambda p: json.loads(p.read_text()))

@@ -22,6 +22,8 @@ from .atomic import TMP_MARK, atomic_path
 from .errors import AutosegError, DatasetError
 
 REQUIRED_KEYS = {"channel_names": dict, "labels": dict, "numTraining": int, "file_ending": str}
+_KEY_EXAMPLES = {"channel_names": '{"0": "CT"}', "labels": '{"background": 0, "liver": 1}', "numTraining": "24",
+                 "file_ending": '".nii.gz"'}  # shown in the fix of a missing or mistyped key
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,11 @@ def load_dataset_json(folder: str | Path) -> dict[str, Any]:
     problems = []
     for key, typ in REQUIRED_KEYS.items():
         if key not in meta:
-            problems.append(f"{path}: required key '{key}' is missing")
+            problems.append(f"{path}: required key '{key}' is missing; add it, e.g. \"{key}\": {_KEY_EXAMPLES[key]}")
         elif not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
             problems.append(
-                f"{path}: key '{key}' must be {typ.__name__}, found {type(meta[key]).__name__} ({meta[key]!r})"
+                f"{path}: key '{key}' must be {typ.__name__}, found {type(meta[key]).__name__} ({meta[key]!r}); "
+                f"e.g. \"{key}\": {_KEY_EXAMPLES[key]}"
             )
     if not problems:
         problems += _check_labels(path, meta["labels"])

@@ -38,7 +38,8 @@ def _guarded(args: tuple[Callable[[T], R], T]) -> tuple[R | None, str | None]:
     except AutosegError as e:
         return None, str(e)
     except MemoryError:
-        return None, f"{_describe(item)}: out of memory while processing this case; lower -np to give each worker more RAM"
+        return None, (f"{_describe(item)}: out of memory while processing this case; lower -np to give each worker "
+                      "more RAM")
 
 
 def map_cases(

@@ -39,7 +39,8 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     if size <= patch:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step))) + 1
-    return [int(round(v)) for v in np.linspace(0, size - patch, n)]
+    # unique: a 1-voxel patch (the slice axis of a 2D network) would otherwise repeat starts and redo slices
+    return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
 
 
 def _forward(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int]) -> torch.Tensor:
@@ -234,15 +235,20 @@ def predict_folder(
 
     from tqdm import tqdm
 
+    from .atomic import remove_stale_temporaries
     from .dataset_io import images_in_folder, read_case, write_image, write_probabilities
     from .postprocess import apply_postprocessing
 
     meta = predictors[0].meta
     ending = meta["file_ending"]
+    if not in_dir.is_dir():
+        raise AutosegError(f"{in_dir}: {'is a file, not a folder' if in_dir.exists() else 'folder not found'}; "
+                           f"-i takes the folder holding the images to predict (CASE_XXXX{ending})")
     cases, problems = images_in_folder(in_dir, ending, len(meta["channel_names"]))
     if not cases and not problems:
         raise AutosegError(f"{in_dir}: no images named CASE_XXXX{ending}; nothing to predict")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
     for case in tqdm(cases, desc="predict", unit="case"):
         target = out_dir / f"{case.case_id}{ending}"
         if target.exists() and not overwrite:

@@ -2,8 +2,9 @@
 
 Layout (``AUTOSEG_RESULTS/<dataset>/``): ``splits.json`` (five folds by case id, user-editable, shared by every
 configuration), and per configuration ``plans.json``, ``dataset.json`` and ``fold_<k>/`` with
-``checkpoint_{latest,best,final}.safetensors`` (weights), ``checkpoint_latest.state.pt`` (optimizer, schedule and
-RNG state: tensors and primitives only, loaded with ``weights_only=True``), ``log.jsonl``, ``progress.png`` and
+``checkpoint_{latest,best,final}.safetensors`` (weights), ``checkpoint_latest.state.pt`` (weights again, optimizer,
+schedule and RNG state: tensors and primitives only, loaded with ``weights_only=True``; ``--continue`` reads only
+this one atomically written file), ``log.jsonl``, ``progress.png`` and
 ``validation/`` (predicted cases plus ``summary.json``).
 
 Every epoch's data stream is seeded by (seed, fold, epoch, rank), so ``--continue`` after a crash replays exactly
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, remove_stale_temporaries, write_json
 from .data import BatchLoader
 from .dataset_io import write_image, write_probabilities
 from .errors import AutosegError
@@ -329,6 +330,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     out = results / configuration / f"fold_{fold}"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # left by a run killed while writing a checkpoint or log
         write_json(results / configuration / "plans.json", plans)
         write_json(results / configuration / "dataset.json", meta)
 
@@ -336,7 +338,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if device.type == "cpu":
+    # keep a thread count the user chose: on a shared machine, threads competing for busy cores can be 20x slower
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     amp_dtype = None
     if device.type == "cuda":
@@ -355,8 +358,10 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     if opts.continue_training:
         if not (out / "checkpoint_latest.state.pt").is_file():
             raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
-        load_weights(out / "checkpoint_latest.safetensors", model)
         saved = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
+        # weights come from the state file itself: one atomic file, so a kill between writing the
+        # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
+        model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         torch.set_rng_state(saved.pop("torch_rng"))
         state.update(saved)
@@ -415,7 +420,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
                 state["best"] = state["ema"]
                 save_checkpoint(out, "best", _unwrap(model))
             save_checkpoint(out, "latest", _unwrap(model), {
-                **state, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                **state, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
             })
             _write_log(out, state["log"])
             dice_txt = " ".join("  nan" if math.isnan(d) else f"{d:.3f}" for d in dice)
