@@ -1,6 +1,5 @@
 """Inference: geometry round trips, fold averaging, postprocessing selection, folder prediction and ensembling."""
 
-import json
 
 import numpy as np
 import pytest
