@@ -58,7 +58,7 @@ def run_cli(args: argparse.Namespace) -> int:
     train = ["train", "-d", NAME, "-c", "3d_fullres", "-f", "all", "--time-budget", str(args.time_budget),
              "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch),
              "--val-iters", str(args.val_iters), "--seed", str(args.seed), "--device", args.device,
-             "--no-validation"]
+             "--optimizer", "adamw", "--no-validation"]
     if (out / "results" / NAME / "3d_fullres" / "fold_all" / "checkpoint_final.safetensors").is_file():
         train = None  # a finished model: a rerun of the demo goes straight to prediction
     elif (out / "results" / NAME / "3d_fullres" / "fold_all" / "checkpoint_latest.state.pt").is_file():

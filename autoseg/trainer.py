@@ -1,4 +1,4 @@
-"""Fold training: splits, SGD with a poly schedule, deep-supervised Dice+CE, checkpoints, logs, validation.
+"""Fold training: splits, SGD (or AdamW for short budgets) with a poly schedule, deep-supervised Dice+CE, checkpoints, logs, validation.
 
 Layout (``AUTOSEG_RESULTS/<dataset>/``): ``splits.json`` (five folds by case id, user-editable, shared by every
 configuration), and per configuration ``plans.json``, ``dataset.json`` and ``fold_<k>/`` with
@@ -40,6 +40,9 @@ from .predictor import labels_from_probabilities, predict_probabilities  # noqa:
 N_FOLDS = 5
 SPLIT_SEED = 12345
 EMA_DECAY = 0.9
+# SGD Nesterov is nnU-Net's choice for long runs; AdamW reaches organ-level Dice several times sooner, which is what
+# a budget of minutes on a CPU needs (measured on the demo phantom, benchmarks/RESULTS.md).
+DEFAULT_LR = {"sgd": 1e-2, "adamw": 3e-3}
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class TrainOptions:
     device: str = "auto"
     encoder: str | None = None
     seed: int = 0
-    lr: float = 1e-2
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
     weight_decay: float = 3e-5
     momentum: float = 0.99
     grad_clip: float = 12.0
@@ -61,6 +65,10 @@ class TrainOptions:
     validate: bool = True
     save_probabilities: bool = False
     num_workers: int | None = None
+
+    @property
+    def initial_lr(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
 
 # ---------------------------------------------------------------------------------------------------- splits
@@ -118,6 +126,16 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise AutosegError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(choice)
+
+
+def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    """SGD Nesterov (momentum, weight decay from ``opts``) or AdamW with the same weight decay."""
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opts.initial_lr, momentum=opts.momentum, nesterov=True,
+                               weight_decay=opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=opts.initial_lr, weight_decay=opts.weight_decay)
+    raise AutosegError(f"unknown optimizer {opts.optimizer!r}; use 'sgd' or 'adamw'")
 
 
 def poly_lr(lr0: float, progress: float, exponent: float = 0.9) -> float:
@@ -352,13 +370,15 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     model = build_network(config, in_channels, n_out, opts.encoder).to(device)
     if device.type == "cuda" and config["dims"] == 3:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, nesterov=True,
-                                weight_decay=opts.weight_decay)
+    optimizer = make_optimizer(model, opts)
     state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "log": []}
     if opts.continue_training:
         if not (out / "checkpoint_latest.state.pt").is_file():
             raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
         saved = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
+        if saved.get("optimizer_name", "sgd") != opts.optimizer:
+            raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {saved['optimizer_name']}; "
+                               f"continue with the same optimizer (got {opts.optimizer})")
         # weights come from the state file itself: one atomic file, so a kill between writing the
         # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
         model.load_state_dict(saved.pop("model"))
@@ -383,7 +403,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         last_epoch_s = state["log"][-1]["epoch_s"] if state["log"] else 0.0
         if progress >= 1 or state["elapsed"] + last_epoch_s > budget_s:  # do not start an epoch that overruns
             break
-        lr = poly_lr(opts.lr, progress)
+        lr = poly_lr(opts.initial_lr, progress)
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
@@ -421,6 +441,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
                 save_checkpoint(out, "best", _unwrap(model))
             save_checkpoint(out, "latest", _unwrap(model), {
                 **state, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "optimizer_name": opts.optimizer,
                 "torch_rng": torch.get_rng_state(),
             })
             _write_log(out, state["log"])

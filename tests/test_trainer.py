@@ -132,7 +132,7 @@ def test_train_loss_decreases(trained):
     losses = [r["train_loss"] for r in log]
     assert all(math.isfinite(v) and v > 0 for v in losses)
     assert losses[-1] < losses[0], losses
-    assert [r["lr"] for r in log] == pytest.approx([poly_lr(opts.lr, e / opts.epochs) for e in range(3)])
+    assert [r["lr"] for r in log] == pytest.approx([poly_lr(opts.initial_lr, e / opts.epochs) for e in range(3)])
 
 
 def test_checkpoints_and_log(trained):
@@ -225,6 +225,18 @@ def test_continue_without_checkpoint_is_an_error(phantom6, tmp_path, monkeypatch
     with pytest.raises(AutosegError, match="no checkpoint_latest"):
         train_fold(NAME, "3d_fullres", 3, TrainOptions(epochs=1, continue_training=True, **QUICK),
                    with_results(phantom6, tmp_path / "fresh"))
+
+
+def test_adamw_runs_and_continue_keeps_the_optimizer(phantom6, tmp_path):
+    roots = with_results(phantom6, tmp_path / "adamw")
+    opts = dict(iters_per_epoch=2, val_iters=1, validate=False, optimizer="adamw", **QUICK)
+    out = train_fold(NAME, "3d_fullres", 4, TrainOptions(epochs=1, **opts), roots)
+    state = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
+    assert state["optimizer_name"] == "adamw" and "exp_avg" in state["optimizer"]["state"][0]
+    assert read_log(out)[0]["lr"] == pytest.approx(trainer.DEFAULT_LR["adamw"])
+    with pytest.raises(AutosegError, match="--optimizer adamw"):
+        train_fold(NAME, "3d_fullres", 4, TrainOptions(epochs=2, continue_training=True, **{**opts, "optimizer": "sgd"}),
+                   roots)
 
 
 # ------------------------------------------------------------------------------------------------- overfit
