@@ -60,7 +60,9 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
         fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AutosegError(f"{fp_path}: not valid JSON ({e}); delete it to recompute the fingerprint") from None
-    if fingerprint is None or [c["case"] for c in fingerprint["cases"]] != [c.case_id for c in cases]:
+    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
+    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None for c in recorded] != [
+            c.case_id for c in cases]:  # absent, from other cases, or not a fingerprint: recompute
         fingerprint = compute_fingerprint(name, meta, cases, args.num_workers)
         write_json(fp_path, fingerprint)
     else:

@@ -526,13 +526,18 @@ def verify_dataset(
     if num_workers > 1 and len(tasks) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         with ProcessPoolExecutor(
             max_workers=min(num_workers, len(tasks)),
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
         ) as pool:
-            results = list(pool.map(_verify_case, tasks))
+            try:
+                results = list(pool.map(_verify_case, tasks))
+            except BrokenProcessPool:  # the OOM killer or a crash in a reader, not a Python exception
+                raise AutosegError(f"{folder}: a --verify worker process died abruptly (most likely out of memory); "
+                                   "rerun with -np 1") from None
     else:
         results = [_verify_case(t) for t in tasks]
     for case_problems, case_warnings in results:

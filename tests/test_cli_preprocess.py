@@ -62,6 +62,17 @@ def test_rerun_skips_and_is_deterministic(small_dataset, roots):
     assert redone == ["phantom_002.json", "phantom_002.npy", "phantom_002_fg.npz", "phantom_002_seg.npy"]
 
 
+def test_fingerprint_of_another_shape_is_recomputed(small_dataset, roots):
+    """A fingerprint.json without a case list (hand-edited, another tool's) is recomputed, not a KeyError."""
+    out = roots["AUTOSEG_PREPROCESSED"] / NAME
+    out.mkdir(parents=True)
+    (out / "fingerprint.json").write_text('{"spacings": []}')
+    assert main(["plan_and_preprocess", "-d", NAME, "-np", "1", "-c", "3d_fullres"]) == 0
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    validate(fingerprint, "fingerprint")
+    assert len(fingerprint["cases"]) == 6
+
+
 def test_bad_case_reported_by_name_and_no_partial_fingerprint(small_dataset, roots, capsys):
     bad = small_dataset / "imagesTr" / "phantom_003_0000.nii.gz"
     raw = bad.read_bytes()
