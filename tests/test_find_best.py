@@ -1,0 +1,104 @@
+"""find_best_configuration on constructed cross-validation outputs: the table, the choice, the pairwise ensemble
+and postprocessing, all from known masks (no training)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from autoseg.cli import main
+from autoseg.dataset_io import Geometry, write_image, write_probabilities
+from autoseg.ensemble import find_best_configuration
+
+NAME = "Dataset501_AbdomenPhantom"
+META = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
+        "file_ending": ".nii.gz"}
+GEO = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (16, 24, 24))
+CASES = ["c0", "c1", "c2", "c3"]
+
+
+def reference(i: int) -> np.ndarray:
+    ref = np.zeros(GEO.shape, np.uint8)
+    ref[4:12, 6 + i:18, 6:18] = 1
+    return ref
+
+
+def probs_of(labels: np.ndarray) -> np.ndarray:
+    """Soft one-hot (0.9 on the label) so averaging two models is a real vote."""
+    onehot = np.stack([labels == 0, labels == 1]).astype(np.float32)
+    return 0.1 + 0.8 * onehot
+
+
+def write_cv(results, config: str, preds: dict[str, np.ndarray], folds=("0", "1")) -> None:
+    for k, fold in enumerate(folds):
+        folder = results / NAME / config / f"fold_{fold}" / "validation"
+        folder.mkdir(parents=True)
+        mine = CASES[k::len(folds)]
+        for case in mine:
+            write_image(folder / f"{case}.nii.gz", preds[case], GEO)
+            write_probabilities(folder / f"{case}.npz", probs_of(preds[case]), GEO)
+        (folder / "summary.json").write_text(json.dumps({"dice_per_case": {c: {} for c in mine}}))
+
+
+@pytest.fixture()
+def layout(tmp_path, monkeypatch):
+    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+    labels = tmp_path / "raw" / NAME / "labelsTr"
+    labels.mkdir(parents=True)
+    (tmp_path / "pp" / NAME).mkdir(parents=True)
+    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    refs = {c: reference(i) for i, c in enumerate(CASES)}
+    for c, ref in refs.items():
+        write_image(labels / f"{c}.nii.gz", ref, GEO)
+    # 3d_fullres: exact organ plus a far false-positive blob (largest-component postprocessing fixes it);
+    # 2d: the organ with one slab missing (worse, and no postprocessing can fix it)
+    full, flat = {}, {}
+    for c, ref in refs.items():
+        full[c] = ref.copy()
+        full[c][0:2, 0:3, 0:3] = 1
+        flat[c] = ref.copy()
+        flat[c][4:7] = 0
+    write_cv(tmp_path / "results", "3d_fullres", full)
+    write_cv(tmp_path / "results", "2d", flat)
+    return tmp_path, refs, full, flat
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_chooses_best_candidate_and_postprocessing(layout):
+    tmp_path, refs, full, flat = layout
+    plan = find_best_configuration(tmp_path / "results" / NAME, tmp_path / "raw" / NAME / "labelsTr", META)
+    table = plan["mean_foreground_dice"]
+    assert set(table) == {"2d", "3d_fullres", "2d+3d_fullres"}
+    assert table["3d_fullres"] == pytest.approx(np.mean([dice(full[c], refs[c]) for c in CASES]), abs=1e-6)
+    assert table["2d"] == pytest.approx(np.mean([dice(flat[c], refs[c]) for c in CASES]), abs=1e-6)
+    # two models with equal soft votes: ties go to the first class (background), so the ensemble is the intersection
+    both = {c: (full[c] & flat[c]) for c in CASES}
+    assert table["2d+3d_fullres"] == pytest.approx(np.mean([dice(both[c], refs[c]) for c in CASES]), abs=1e-6)
+    assert plan["configurations"] == ["3d_fullres"] and plan["cases"] == 4
+    assert plan["folds"] == {"3d_fullres": ["0", "1"]}
+    assert plan["postprocessing"]["largest_component_foreground"] is True  # removes the blob: Dice 1
+    assert any("kept" in n for n in plan["notes"])
+
+
+def test_cli_writes_inference_plan_and_prints_table(layout, capsys):
+    tmp_path, *_ = layout
+    assert main(["find_best_configuration", "-d", NAME]) == 0
+    out = capsys.readouterr().out
+    assert "3d_fullres" in out and "2d+3d_fullres" in out
+    plan = json.loads((tmp_path / "results" / NAME / "inference_plan.json").read_text())
+    assert plan["configurations"] == ["3d_fullres"]
+
+
+def test_no_validation_results_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+    (tmp_path / "raw" / NAME).mkdir(parents=True)
+    (tmp_path / "pp" / NAME).mkdir(parents=True)
+    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    (tmp_path / "results" / NAME / "3d_fullres").mkdir(parents=True)
+    assert main(["find_best_configuration", "-d", NAME]) == 1
+    assert "no configuration has validation results" in capsys.readouterr().err
