@@ -1,8 +1,9 @@
 """Seconds per training iteration at the plan's patch and batch, data loading included and network step alone.
 
-Both plans are measured on the bench phantom: the GPU plan (8 GB budget, nnU-Net's sizing: comparable to
-nnU-Net v2's 36.0 s per 3d_fullres step on this machine kind, shared/reference/peer_figures.md) and the CPU plan
-that autoseg uses when no GPU is present. Peak RSS is this process's maximum resident memory.
+Both plans are measured on the bench phantom: the GPU plan (8 GB budget, nnU-Net's sizing, compared with
+nnU-Net v2's 36.0 s per 3d_fullres step from shared/reference/peer_figures.md; that figure came from a CPU with
+AVX-512, and side by side on one machine nnU-Net's own network takes the same time as ours, see RESULTS.md) and
+the CPU plan that autoseg uses when no GPU is present. Peak RSS is this process's maximum resident memory.
 """
 
 from __future__ import annotations
