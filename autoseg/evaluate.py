@@ -335,7 +335,9 @@ def size_bin(diameter_mm: float) -> str:
     return SIZE_BINS[0] if d < 10.0 else SIZE_BINS[1] if d <= 20.0 else SIZE_BINS[2]
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labelled components of a boolean mask and their count, with full connectivity (26 in 3D): lesions that
+    touch diagonally are one lesion, everywhere in autoseg (evaluation, postprocessing, report)."""
     return ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
 
 
@@ -368,8 +370,8 @@ def _lesion_detection(
         return {"reference": [], "predicted": [], "false_positives": 0}
     offset = [o + b.start for o, b in zip(offset, box)]
     p, r = pred[box], ref[box]
-    ref_cc, n_ref = _components(r)
-    pred_cc, n_pred = _components(p)
+    ref_cc, n_ref = connected_components(r)
+    pred_cc, n_pred = connected_components(p)
     voxel_mm3 = math.prod(spacing)
     ref_rows, ref_size = _lesion_rows(ref_cc, n_ref, voxel_mm3, offset)
     pred_rows, pred_size = _lesion_rows(pred_cc, n_pred, voxel_mm3, offset)
@@ -512,7 +514,8 @@ def structures_from_labels(
     return out
 
 
-def _label_boxes(arr: np.ndarray, max_label: int) -> list[tuple[slice, ...] | None]:
+def label_boxes(arr: np.ndarray, max_label: int) -> list[tuple[slice, ...] | None]:
+    """Bounding box of each label value 1..max_label (index value - 1), None for a value not present."""
     boxes = ndimage.find_objects(arr, max_label=max_label) if max_label > 0 else []
     return list(boxes) + [None] * (max_label - len(boxes))
 
@@ -566,7 +569,7 @@ def evaluate_case(
     names = {v: n for n, v in _check_label_map(labels).items() if isinstance(v, int)}
     tumours = tumour_label_values(labels) if tumour_labels is None else [int(v) for v in tumour_labels]
     max_label = max([v for _, vs in structures.values() for v in vs] + tumours + [0])
-    pred_boxes, ref_boxes = _label_boxes(pred_labels, max_label), _label_boxes(ref_labels, max_label)
+    pred_boxes, ref_boxes = label_boxes(pred_labels, max_label), label_boxes(ref_labels, max_label)
     shape = ref_labels.shape
 
     def crop(values: Sequence[int]) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:

@@ -10,16 +10,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from .evaluate import dice_per_label
-
-STRUCTURE = ndimage.generate_binary_structure(3, 3)  # 26-connectivity: diagonal neighbours touch
+from .evaluate import connected_components, dice_per_label
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean mask (the mask itself when it has at most one)."""
-    labelled, n = ndimage.label(mask, structure=STRUCTURE)
+    labelled, n = connected_components(mask)
     if n <= 1:
         return mask
     sizes = np.bincount(labelled.ravel())

@@ -44,7 +44,7 @@ from .dataset_io import Geometry, read_image
 from .errors import AutosegError
 from .evaluate import (
     DEFAULT_WORKERS, _TUMOUR_RE, _as_labels, _case_files, _check_label_map, _geometry_mismatch, _positive_int,
-    add_label_flags, json_safe, resolve_labels, tumour_label_values, write_csv,
+    add_label_flags, connected_components, json_safe, label_boxes, resolve_labels, tumour_label_values, write_csv,
 )
 from .parallel import map_cases
 
@@ -198,14 +198,13 @@ def lesion_measurements(
     tumours = _tumour_organs(label_map)
     out: list[dict[str, Any]] = []
     max_value = max(tumours, default=0)
-    boxes = list(ndimage.find_objects(labels, max_label=max_value)) if max_value else []
-    boxes += [None] * (max_value - len(boxes))
+    boxes = label_boxes(labels, max_value)
     for value, (name, organ, _) in sorted(tumours.items()):
         box = boxes[value - 1]
         if box is None:
             continue
         start = np.array([s.start for s in box], dtype=np.float64)
-        cc, n = ndimage.label(labels[box] == value, structure=np.ones((3, 3, 3), dtype=bool))
+        cc, n = connected_components(labels[box] == value)
         sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:]
         centroids = np.asarray(ndimage.center_of_mass(cc > 0, cc, np.arange(1, n + 1)), dtype=np.float64)
         comp_boxes = ndimage.find_objects(cc)
