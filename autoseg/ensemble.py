@@ -54,11 +54,11 @@ def _cv_cases(config_dir: Path) -> dict[str, tuple[Path, str]]:
 def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Score every trained configuration and pairwise ensemble on the cases all of them validated, choose the best
     by mean foreground Dice, determine postprocessing on it, and return the inference plan."""
-    from .trainer import label_layout
+    from .trainer import label_layout, predicted_labels
 
     _, _, rco = label_layout(meta)
     ending = meta["file_ending"]
-    labels = sorted(set(rco) if rco else {v for k, v in meta["labels"].items() if k != "background"})
+    labels = predicted_labels(meta)
     trained = {d.name: _cv_cases(d) for d in sorted(results.iterdir()) if d.is_dir() and _cv_cases(d)}
     if not trained:
         raise AutosegError(f"{results}: no configuration has validation results; train folds to the end first")

@@ -80,10 +80,8 @@ def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLIT_S
     if len(ids) < n_folds:
         raise AutosegError(f"{len(ids)} training cases cannot make {n_folds} folds; use --fold all")
     order = np.random.default_rng(seed).permutation(len(ids))
-    folds = np.array_split(order, n_folds)
-    return [
-        {"train": sorted(ids[i] for i in order if i not in set(f)), "val": sorted(ids[i] for i in f)} for f in folds
-    ]
+    folds = [set(f.tolist()) for f in np.array_split(order, n_folds)]
+    return [{"train": sorted(ids[i] for i in order if i not in f), "val": sorted(ids[i] for i in f)} for f in folds]
 
 
 def load_or_create_splits(path: Path, case_ids: list[str]) -> list[dict[str, list[str]]]:
@@ -118,6 +116,13 @@ def label_layout(meta: dict[str, Any]) -> tuple[int, list[list[int]] | None, lis
     if values != list(range(len(values))):
         raise AutosegError(f"dataset.json labels must be consecutive 0..{len(values) - 1}, found {values}")
     return len(values), None, None
+
+
+def predicted_labels(meta: dict[str, Any]) -> list[int]:
+    """The label values a trained model paints (``regions_class_order`` for region-based datasets), the ones
+    validation and model selection score."""
+    _, _, rco = label_layout(meta)
+    return sorted(set(rco) if rco else {v for k, v in meta["labels"].items() if k != "background"})
 
 
 def pick_device(choice: str) -> torch.device:
@@ -292,8 +297,7 @@ def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], confi
     from .dataset_io import read_image
 
     folder = out / "validation"
-    labels = sorted({v for k, v in meta["labels"].items() if k != "background" and not isinstance(v, list)}
-                    | set(regions_class_order or []))
+    labels = predicted_labels(meta)
     per_case = {}
     for case in val_ids:
         props = json.loads((data_folder / f"{case}.json").read_text())
@@ -376,8 +380,9 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         if not (out / "checkpoint_latest.state.pt").is_file():
             raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
         saved = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
-        if saved.get("optimizer_name", "sgd") != opts.optimizer:
-            raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {saved['optimizer_name']}; "
+        trained_with = saved.pop("optimizer_name", "sgd")  # saved with each checkpoint, not part of the run state
+        if trained_with != opts.optimizer:
+            raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {trained_with}; "
                                f"continue with the same optimizer (got {opts.optimizer})")
         # weights come from the state file itself: one atomic file, so a kill between writing the
         # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
