@@ -442,7 +442,7 @@ def _human(n: int) -> str:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``autoseg export``; returns the exit status."""
-    from .paths import Roots, dataset_name
+    from .layout import Roots, dataset_name
 
     roots = Roots.from_env()
     name = dataset_name(args.dataset, roots.results)
@@ -459,7 +459,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     """Run ``autoseg import``; returns the exit status."""
-    from .paths import Roots
+    from .layout import Roots
 
     if args.max_gb <= 0:
         raise AutosegError(f"--max-gb must be positive, found {args.max_gb}")

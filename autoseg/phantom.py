@@ -52,7 +52,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from .atomic import remove_stale_temporaries, write_json
-from .dataset_io import Geometry, write_image
+from .io.images import Geometry, write_image
 from .errors import AutosegError
 
 __all__ = ["SIZES", "LABELS", "generate_case", "case_seed", "write_dataset", "add_cli", "run_cli"]

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.cli import build_parser, main
-from autoseg.dataset_io import list_cases, load_dataset_json, read_case
-from autoseg.preprocess import restore_labels
+from autoseg.io.images import list_cases, load_dataset_json, read_case
+from autoseg.preprocessing.preprocess import restore_labels
 from autoseg.schemas import validate
 
 NAME = "Dataset501_AbdomenPhantom"

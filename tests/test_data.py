@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autoseg.atomic import write_json, write_npy, write_npz
-from autoseg.data import (
+from autoseg.training.data import (
     AUGMENT,
     AugmentConfig,
     BatchLoader,
@@ -19,7 +19,7 @@ from autoseg.data import (
     sample_patch,
 )
 from autoseg.errors import AutosegError
-from autoseg.preprocess import foreground_locations
+from autoseg.preprocessing.preprocess import foreground_locations
 
 SHAPE = (20, 24, 28)
 DS3 = [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]

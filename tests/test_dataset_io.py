@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.atomic import TMP_MARK, atomic_path
-from autoseg.dataset_io import (
+from autoseg.io.images import (
     Case,
     Geometry,
     _nifti_scan,
@@ -29,7 +29,7 @@ from autoseg.dataset_io import (
     write_image,
 )
 from autoseg.errors import AutosegError, DatasetError
-from autoseg.paths import Roots, dataset_name
+from autoseg.layout import Roots, dataset_name
 
 SHAPE = (8, 10, 12)  # (z, y, x)
 SPACING = (1.0, 1.0, 2.5)  # (x, y, z)

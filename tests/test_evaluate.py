@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import autoseg.evaluate as ev
-from autoseg.dataset_io import Geometry, write_image
+import autoseg.evaluation.evaluate as ev
+from autoseg.io.images import Geometry, write_image
 from autoseg.errors import AutosegError
 
 ABDOMEN = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from autoseg.fingerprint import SAMPLES_PER_CASE, case_fingerprint, nonzero_bbox, summarize
+from autoseg.planning.fingerprint import SAMPLES_PER_CASE, case_fingerprint, nonzero_bbox, summarize
 from autoseg.errors import AutosegError
 from autoseg.schemas import validate
 

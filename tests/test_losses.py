@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from autoseg.errors import AutosegError
-from autoseg.losses import SegmentationLoss, deep_supervision_weights, soft_dice
-from autoseg.trainer import dice_per_label, label_layout, labels_from_probabilities, make_splits, poly_lr, pseudo_dice
+from autoseg.training.losses import SegmentationLoss, deep_supervision_weights, soft_dice
+from autoseg.training.trainer import dice_per_label, label_layout, labels_from_probabilities, make_splits, poly_lr, pseudo_dice
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoseg import planner
+from autoseg.planning import planner
 from autoseg.network import ConvBlock, ResidualBlock, UNet, build_network, count_parameters, ds_scales
 
 

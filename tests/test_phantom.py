@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from autoseg.dataset_io import load_dataset_json
+from autoseg.io.images import load_dataset_json
 from autoseg.errors import AutosegError
 from autoseg.phantom import SIZES, add_cli, case_seed, generate_case, write_dataset
 

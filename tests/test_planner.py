@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg.planner import estimate_memory_gb, fullres_spacing, plan, topology
+from autoseg.planning.planner import estimate_memory_gb, fullres_spacing, plan, topology
 from autoseg.schemas import validate
 
 ROOT = Path(__file__).resolve().parents[1]

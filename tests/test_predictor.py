@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from autoseg.cli import main
-from autoseg.dataset_io import Geometry, read_image, write_image
-from autoseg.ensemble import ensemble_folders
-from autoseg.postprocess import apply_postprocessing, determine_postprocessing, largest_component
-from autoseg.predictor import Predictor, predict_folder
+from autoseg.io.images import Geometry, read_image, write_image
+from autoseg.inference.ensemble import ensemble_folders
+from autoseg.inference.postprocess import apply_postprocessing, determine_postprocessing, largest_component
+from autoseg.inference.predictor import Predictor, predict_folder
 
 RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

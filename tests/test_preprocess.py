@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from autoseg.dataset_io import Geometry
-from autoseg.preprocess import (
+from autoseg.io.images import Geometry
+from autoseg.preprocessing.preprocess import (
     axis_orders,
     foreground_locations,
     normalize,
@@ -11,7 +11,7 @@ from autoseg.preprocess import (
     restore_labels,
     restore_probabilities,
 )
-from autoseg.resample import resample_array, resample_labels
+from autoseg.preprocessing.resample import resample_array, resample_labels
 
 RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
 NORM = [{"channel": 0, "scheme": "ct", "clip": [-100.0, 200.0], "mean": 50.0, "std": 25.0}]

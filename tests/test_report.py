@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-import autoseg.report as rp
-from autoseg.dataset_io import Geometry, to_sitk, write_image
+import autoseg.evaluation.report as rp
+from autoseg.io.images import Geometry, to_sitk, write_image
 from autoseg.errors import AutosegError
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

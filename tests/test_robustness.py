@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import robustness_helpers as h
 from autoseg.cli import main
-from autoseg.dataset_io import Case, read_image
+from autoseg.io.images import Case, read_image
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 from autoseg.phantom import write_dataset

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.predictor import gaussian_importance, sliding_window, tile_starts
+from autoseg.inference.predictor import gaussian_importance, sliding_window, tile_starts
 
 
 @pytest.fixture(autouse=True)

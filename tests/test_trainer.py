@@ -20,15 +20,15 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-import autoseg.trainer as trainer
+import autoseg.training.trainer as trainer
 from autoseg.cli import main
-from autoseg.data import BatchLoader, region_targets
+from autoseg.training.data import BatchLoader, region_targets
 from autoseg.errors import AutosegError
 from autoseg.network import build_network, ds_scales
-from autoseg.paths import Roots
+from autoseg.layout import Roots
 from autoseg.phantom import write_dataset
 from autoseg.schemas import validate
-from autoseg.trainer import TrainOptions, poly_lr, train_fold
+from autoseg.training.trainer import TrainOptions, poly_lr, train_fold
 
 NAME = "Dataset501_AbdomenPhantom"
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +305,7 @@ def worker(rank, port, out, net_plan):
     import torch
     import torch.distributed as dist
 
-    from autoseg.losses import SegmentationLoss
+    from autoseg.training.losses import SegmentationLoss
     from autoseg.network import build_network
 
     torch.set_num_threads(1)

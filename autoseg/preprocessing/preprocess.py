@@ -17,11 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import remove_stale_temporaries, write_json, write_npy, write_npz
-from .dataset_io import Case, Geometry, read_case
-from .errors import AutosegError, DatasetError
-from .fingerprint import nonzero_bbox
-from .parallel import map_cases
+from ..atomic import remove_stale_temporaries, write_json, write_npy, write_npz
+from ..io.images import Case, Geometry, read_case
+from ..errors import AutosegError, DatasetError
+from ..planning.fingerprint import nonzero_bbox
+from ..parallel import map_cases
 from .resample import resample_array, resample_labels
 
 FG_SAMPLES = 10_000

@@ -44,8 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .schemas import validate
+from .. import __version__
+from ..schemas import validate
 
 SCHEMA_VERSION = 1
 ANISOTROPY = 3.0

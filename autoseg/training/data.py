@@ -28,7 +28,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import AutosegError
+from ..errors import AutosegError
 
 
 @dataclass(frozen=True)

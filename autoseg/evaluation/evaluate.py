@@ -74,10 +74,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_path, write_json
-from .dataset_io import DIRECTION_ATOL, SPACING_ORIGIN_RTOL, Geometry, load_dataset_json, read_header, read_image
-from .errors import AutosegError
-from .parallel import map_cases
+from ..atomic import atomic_path, write_json
+from ..io.images import DIRECTION_ATOL, SPACING_ORIGIN_RTOL, Geometry, load_dataset_json, read_header, read_image
+from ..errors import AutosegError
+from ..parallel import map_cases
 
 __all__ = [
     "SIZE_BINS",
@@ -939,7 +939,7 @@ def resolve_labels(
 ) -> tuple[dict[str, Any], str]:
     """``(labels, file_ending)`` from ``--labels`` (a dataset.json or any JSON with ``labels``), else from ``-d``
     (``AUTOSEG_RAW/<dataset>/dataset.json``), else from the first ``dataset.json`` found in ``fallbacks``."""
-    from .paths import Roots, dataset_name
+    from ..layout import Roots, dataset_name
 
     if labels_path is not None:
         meta = _read_labels_json(Path(labels_path))

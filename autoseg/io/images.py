@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import TMP_MARK, atomic_path
-from .errors import AutosegError, DatasetError
+from ..atomic import TMP_MARK, atomic_path
+from ..errors import AutosegError, DatasetError
 
 REQUIRED_KEYS = {"channel_names": dict, "labels": dict, "numTraining": int, "file_ending": str}
 _KEY_EXAMPLES = {"channel_names": '{"0": "CT"}', "labels": '{"background": 0, "liver": 1}', "numTraining": "24",
@@ -721,7 +721,7 @@ def _label_value_problems(
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry) -> None:
     """Save (C, Z, Y, X) probabilities as float16 with their geometry in one ``.npz`` (atomic, no pickle)."""
-    from .atomic import write_npz
+    from ..atomic import write_npz
 
     write_npz(path, {"probabilities": probs.astype(np.float16), "spacing": np.array(geometry.spacing),
                      "origin": np.array(geometry.origin), "direction": np.array(geometry.direction)})

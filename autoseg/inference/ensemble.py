@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .dataset_io import Geometry, read_image, read_probabilities, write_image, write_probabilities
-from .errors import AutosegError
+from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
+from ..errors import AutosegError
 from .postprocess import determine_postprocessing, mean_dice
 from .predictor import labels_from_probabilities
 
@@ -54,7 +54,7 @@ def _cv_cases(config_dir: Path) -> dict[str, tuple[Path, str]]:
 def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Score every trained configuration and pairwise ensemble on the cases all of them validated, choose the best
     by mean foreground Dice, determine postprocessing on it, and return the inference plan."""
-    from .trainer import label_layout, predicted_labels
+    from ..training.trainer import label_layout, predicted_labels
 
     _, _, rco = label_layout(meta)
     ending = meta["file_ending"]

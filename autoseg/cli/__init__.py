@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import AutosegError
+from .. import __version__
+from ..errors import AutosegError
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -35,14 +35,14 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
-    from .atomic import write_json
-    from .dataset_io import check_dataset, images_in_folder, load_dataset_json
-    from .errors import DatasetError
-    from .fingerprint import compute_fingerprint
-    from .paths import Roots, dataset_name
-    from .planner import plan
-    from .preprocess import preprocess_dataset
-    from .schemas import validate
+    from ..atomic import write_json
+    from ..io.images import check_dataset, images_in_folder, load_dataset_json
+    from ..errors import DatasetError
+    from ..planning.fingerprint import compute_fingerprint
+    from ..layout import Roots, dataset_name
+    from ..planning.planner import plan
+    from ..preprocessing.preprocess import preprocess_dataset
+    from ..schemas import validate
 
     roots = Roots.from_env()
     name = dataset_name(args.dataset, roots.raw)
@@ -87,9 +87,9 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .atomic import write_json
-    from .planner import plan
-    from .schemas import validate
+    from ..atomic import write_json
+    from ..planning.planner import plan
+    from ..schemas import validate
 
     try:
         fingerprint = json.loads(Path(args.fingerprint).read_text())
@@ -102,7 +102,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import TrainOptions, train_fold
+    from ..training.trainer import TrainOptions, train_fold
 
     roots, name = _results_dataset(args.dataset)
     opts = TrainOptions(
@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _results_dataset(spec: str) -> tuple[Any, str]:
-    from .paths import Roots, dataset_name
+    from ..layout import Roots, dataset_name
 
     roots = Roots.from_env()
     root = roots.raw if roots.raw.is_dir() else roots.results
@@ -129,11 +129,11 @@ def _results_dataset(spec: str) -> tuple[Any, str]:
 def _predict(args: argparse.Namespace) -> int:
     import shutil
 
-    from .predictor import Predictor, predict_folder
+    from ..inference.predictor import Predictor, predict_folder
 
     bundle_dir = None
     if args.model:
-        from .bundle import open_bundle
+        from ..bundle import open_bundle
 
         dataset_dir = open_bundle(Path(args.model))
         bundle_dir = dataset_dir.parent
@@ -172,7 +172,7 @@ def _predict(args: argparse.Namespace) -> int:
         if bundle_dir is not None:
             shutil.rmtree(bundle_dir, ignore_errors=True)
     if problems:
-        from .errors import DatasetError
+        from ..errors import DatasetError
 
         raise DatasetError(problems)
     print(f"predictions in {args.output}")
@@ -180,9 +180,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from .dataset_io import load_dataset_json
-    from .ensemble import ensemble_folders
-    from .trainer import label_layout
+    from ..io.images import load_dataset_json
+    from ..inference.ensemble import ensemble_folders
+    from ..training.trainer import label_layout
 
     meta = load_dataset_json(Path(args.dataset_json).parent) if args.dataset_json else {"file_ending": ".nii.gz"}
     rco = label_layout(meta)[2] if args.dataset_json else None
@@ -193,8 +193,8 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _find_best(args: argparse.Namespace) -> int:
-    from .atomic import write_json
-    from .ensemble import find_best_configuration
+    from ..atomic import write_json
+    from ..inference.ensemble import find_best_configuration
 
     roots, name = _results_dataset(args.dataset)
     meta = json.loads((roots.preprocessed / name / "dataset.json").read_text())
@@ -210,8 +210,8 @@ def _find_best(args: argparse.Namespace) -> int:
 
 
 def _apply_postprocessing(args: argparse.Namespace) -> int:
-    from .dataset_io import read_image, write_image
-    from .postprocess import apply_postprocessing
+    from ..io.images import read_image, write_image
+    from ..inference.postprocess import apply_postprocessing
 
     roots, name = _results_dataset(args.dataset)
     plan_path = roots.results / name / "inference_plan.json"
@@ -227,7 +227,8 @@ def _apply_postprocessing(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bundle, demo, evaluate, phantom, report
+    from .. import bundle, demo, phantom
+    from ..evaluation import evaluate, report
 
     parser = argparse.ArgumentParser(
         prog="autoseg",

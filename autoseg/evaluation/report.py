@@ -39,14 +39,14 @@ from urllib.parse import quote
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_path, write_json
-from .dataset_io import Geometry, read_image
-from .errors import AutosegError
+from ..atomic import atomic_path, write_json
+from ..io.images import Geometry, read_image
+from ..errors import AutosegError
 from .evaluate import (
     DEFAULT_WORKERS, _TUMOUR_RE, _as_labels, _case_files, _check_label_map, _geometry_mismatch, _positive_int,
     add_label_flags, connected_components, json_safe, label_boxes, resolve_labels, tumour_label_values, write_csv,
 )
-from .parallel import map_cases
+from ..parallel import map_cases
 
 __all__ = [
     "DEFAULT_LABELS", "max_axial_diameter", "index_to_world", "lesion_measurements", "case_report",

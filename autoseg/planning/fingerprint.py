@@ -13,11 +13,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import __version__
-from .dataset_io import Case, label_values, read_case
-from .errors import AutosegError, DatasetError
-from .parallel import map_cases
-from .schemas import validate
+from .. import __version__
+from ..io.images import Case, label_values, read_case
+from ..errors import AutosegError, DatasetError
+from ..parallel import map_cases
+from ..schemas import validate
 
 SCHEMA_VERSION = 1
 SAMPLES_PER_CASE = 10_000

@@ -27,15 +27,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, remove_stale_temporaries, write_json
+from ..atomic import atomic_path, remove_stale_temporaries, write_json
 from .data import BatchLoader
-from .dataset_io import write_image, write_probabilities
-from .errors import AutosegError
-from .evaluate import dice_per_label
+from ..io.images import write_image, write_probabilities
+from ..errors import AutosegError
+from ..evaluation.evaluate import dice_per_label
 from .losses import SegmentationLoss
-from .network import build_network, ds_scales
-from .paths import Roots
-from .predictor import labels_from_probabilities, predict_probabilities  # noqa: F401  (re-exported for tests)
+from ..network import build_network, ds_scales
+from ..layout import Roots
+from ..inference.predictor import labels_from_probabilities, predict_probabilities  # noqa: F401  (re-exported for tests)
 
 N_FOLDS = 5
 SPLIT_SEED = 12345
@@ -294,7 +294,7 @@ def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], confi
                   meta: dict[str, Any], raw_labels: Path, regions_class_order, device,
                   save_probabilities: bool = False) -> dict[str, Any]:
     """Predict each validation case to ``out/validation`` and score it against the raw label."""
-    from .dataset_io import read_image
+    from ..io.images import read_image
 
     folder = out / "validation"
     labels = predicted_labels(meta)
@@ -332,7 +332,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     except (OSError, json.JSONDecodeError) as e:
         raise AutosegError(f"{pp}: plans.json/dataset.json missing or unreadable ({e}); "
                            "run `autoseg plan_and_preprocess` first") from None
-    from .schemas import validate
+    from ..schemas import validate
 
     validate(plans, "plans", str(pp / "plans.json"))
     if configuration not in plans["configurations"]:

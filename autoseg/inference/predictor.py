@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AutosegError
+from ..errors import AutosegError
 
 if TYPE_CHECKING:
-    from .dataset_io import Geometry
+    from ..io.images import Geometry
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -133,7 +133,7 @@ def predict_probabilities(
     Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
     models in the preprocessed space, then resampled back and uncropped exactly (``restore_probabilities``).
     """
-    from .preprocess import restore_probabilities
+    from ..preprocessing.preprocess import restore_probabilities
 
     patch = config["patch_size"]
     x = torch.from_numpy(np.array(data, dtype=np.float32))
@@ -162,7 +162,7 @@ class Predictor:
         self.plans, self.meta, self.configuration = plans, meta, configuration
         self.config = plans["configurations"][configuration]
         self.models, self.device, self.mirror, self.step = models, device, mirror, step
-        from .trainer import label_layout
+        from ..training.trainer import label_layout
 
         _, regions, self.regions_class_order = label_layout(meta)
         self.regions = regions is not None
@@ -174,9 +174,9 @@ class Predictor:
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
         import json
 
-        from .network import build_network
-        from .schemas import validate
-        from .trainer import label_layout, load_weights, pick_device
+        from ..network import build_network
+        from ..schemas import validate
+        from ..training.trainer import label_layout, load_weights, pick_device
 
         config_dir = Path(config_dir)
         try:
@@ -206,7 +206,7 @@ class Predictor:
     def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
         """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
         path as training, then the sliding window over every fold and the exact inverse."""
-        from .preprocess import preprocess_case
+        from ..preprocessing.preprocess import preprocess_case
 
         try:
             pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
@@ -235,8 +235,8 @@ def predict_folder(
 
     from tqdm import tqdm
 
-    from .atomic import remove_stale_temporaries
-    from .dataset_io import images_in_folder, read_case, write_image, write_probabilities
+    from ..atomic import remove_stale_temporaries
+    from ..io.images import images_in_folder, read_case, write_image, write_probabilities
     from .postprocess import apply_postprocessing
 
     meta = predictors[0].meta

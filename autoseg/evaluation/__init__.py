@@ -1,0 +1,1 @@
+"""Evaluation: metrics, lesion matching, folder evaluation and the clinical-style report."""

@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction, postprocessing, ensembles and the choice of configuration."""

@@ -1,0 +1,1 @@
+"""Reading and writing images and raw datasets: geometry, NIfTI integrity checks, case discovery, verification."""

@@ -1,0 +1,1 @@
+"""Planning: the dataset fingerprint and the configurations planned from it."""

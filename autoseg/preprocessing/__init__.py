@@ -1,0 +1,1 @@
+"""Preprocessing: crop, resample and normalise training cases, and the exact inverse for predictions."""
