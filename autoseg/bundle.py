@@ -18,7 +18,6 @@ renames the folder into place.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import hashlib
 import json
@@ -36,9 +35,10 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_path
 from .errors import AutosegError
+from .layout import DATASET_JSON, FINGERPRINT_JSON, INFERENCE_PLAN_JSON, PLANS_JSON, checkpoint_name
 
 MANIFEST = "manifest.json"
-FINAL = "checkpoint_final.safetensors"
+FINAL = checkpoint_name("final")
 ALLOWED_SUFFIXES = (".json", ".safetensors")
 DEFAULT_MAX_BYTES = 4 * 2**30
 MAX_RATIO = 1000  # uncompressed / compressed; deflate cannot legitimately exceed ~1030 and real files sit far below
@@ -53,7 +53,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 # ---------------------------------------------------------------------------------------------------- export
 
 
-def _fold_key(name: str) -> tuple[int, int, str]:
+def fold_sort_key(name: str) -> tuple[int, int, str]:
     tail = name.removeprefix("fold_")
     return (0, int(tail), "") if tail.isdigit() else (1, 0, tail)
 
@@ -61,7 +61,7 @@ def _fold_key(name: str) -> tuple[int, int, str]:
 def _finished_folds(config_dir: Path) -> list[str]:
     """Fold ids (``"0"``, ``"all"``) under ``config_dir`` that have a final checkpoint."""
     folds = [p.name.removeprefix("fold_") for p in config_dir.glob("fold_*") if (p / FINAL).is_file()]
-    return sorted(folds, key=_fold_key)
+    return sorted(folds, key=fold_sort_key)
 
 
 def _add_file(zf: zipfile.ZipFile, src: Path, arcname: str, date_time: tuple[int, ...]) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def _select(results_dataset_dir: Path, configurations: list[str] | None,
         if not config_dir.is_dir():
             have = ", ".join(finished) or "none with a finished fold"
             raise AutosegError(f"{config_dir}: no such configuration in the results (available: {have})")
-        for required in ("plans.json", "dataset.json"):
+        for required in (PLANS_JSON, DATASET_JSON):
             if not (config_dir / required).is_file():
                 raise AutosegError(f"{config_dir / required} is missing; it is written when training starts, "
                                    "so this folder is incomplete")
@@ -119,8 +119,9 @@ def _select(results_dataset_dir: Path, configurations: list[str] | None,
     return selection
 
 
-def _export(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None, folds: list[str] | None,
+def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None, folds: list[str] | None,
             fingerprint: Path | None) -> dict[str, Any]:
+    """:func:`export_bundle`, returning the manifest with the exported ``selection`` (configuration -> folds)."""
     results_dataset_dir, out_zip = Path(results_dataset_dir), Path(out_zip)
     if not results_dataset_dir.is_dir():
         raise AutosegError(f"{results_dataset_dir}: no such results folder; train a model first (autoseg train) "
@@ -131,18 +132,18 @@ def _export(results_dataset_dir: Path, out_zip: Path, configurations: list[str] 
     selection = _select(results_dataset_dir, configurations, folds)
 
     sources: list[tuple[Path, str]] = []  # (file, path relative to the dataset folder)
-    if (results_dataset_dir / "inference_plan.json").is_file():
-        sources.append((results_dataset_dir / "inference_plan.json", "inference_plan.json"))
+    if (results_dataset_dir / INFERENCE_PLAN_JSON).is_file():
+        sources.append((results_dataset_dir / INFERENCE_PLAN_JSON, INFERENCE_PLAN_JSON))
     if fingerprint is not None:
         fingerprint = Path(fingerprint)
         try:
             json.loads(fingerprint.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise AutosegError(f"{fingerprint}: cannot read the fingerprint JSON ({e})") from None
-        sources.append((fingerprint, "fingerprint.json"))
+        sources.append((fingerprint, FINGERPRINT_JSON))
     for config, chosen in selection.items():
-        sources.append((results_dataset_dir / config / "plans.json", f"{config}/plans.json"))
-        sources.append((results_dataset_dir / config / "dataset.json", f"{config}/dataset.json"))
+        for name in (PLANS_JSON, DATASET_JSON):
+            sources.append((results_dataset_dir / config / name, f"{config}/{name}"))
         for fold in chosen:
             sources.append((results_dataset_dir / config / f"fold_{fold}" / FINAL, f"{config}/fold_{fold}/{FINAL}"))
 
@@ -175,7 +176,7 @@ def export_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list
     ``"fold_0"``, ``"all"``): default every fold with ``checkpoint_final.safetensors``; a fold asked for without
     one is an error. ``fingerprint``: optional ``fingerprint.json`` to ship along. Returns ``out_zip``.
     """
-    _export(results_dataset_dir, out_zip, configurations, folds, fingerprint)
+    write_bundle(results_dataset_dir, out_zip, configurations, folds, fingerprint)
     return Path(out_zip)
 
 
@@ -334,7 +335,7 @@ def _validate_extracted(where: str, folder: Path, files: dict[str, zipfile.ZipIn
                 obj = json.loads(path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise _fail(where, f"member '{member}' is not valid JSON ({e})") from None
-            if path.name == "plans.json":
+            if path.name == PLANS_JSON:
                 validate(obj, "plans", f"{where}: {member}")
         elif rel.endswith(".safetensors"):
             try:
@@ -344,7 +345,7 @@ def _validate_extracted(where: str, folder: Path, files: dict[str, zipfile.ZipIn
                 raise _fail(where, f"member '{member}' is not a readable safetensors file ({e})") from None
     configs = {rel.split("/")[0] for rel in files if "/fold_" in rel and rel.endswith(FINAL)}
     for config in sorted(configs):
-        for required in ("plans.json", "dataset.json"):
+        for required in (PLANS_JSON, DATASET_JSON):
             if f"{config}/{required}" not in files:
                 raise _fail(where, f"configuration '{config}' has weights but no {required}")
 
@@ -427,84 +428,3 @@ def read_manifest(zip_path: Path) -> dict[str, Any]:
         raise AutosegError(f"{where}: not a zip file; expected a model bundle written by autoseg export") from None
     except OSError as e:
         raise AutosegError(f"{where}: cannot open the bundle ({e.strerror or e})") from None
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def _summary(selection: dict[str, list[str]]) -> str:
-    return "; ".join(f"{c} fold(s) {', '.join(f)}" for c, f in selection.items())
-
-
-def _human(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run ``autoseg export``; returns the exit status."""
-    from .layout import Roots, dataset_name
-
-    roots = Roots.from_env()
-    name = dataset_name(args.dataset, roots.results)
-    fingerprint = roots.preprocessed / name / "fingerprint.json"
-    use_fp = not args.no_fingerprint and fingerprint.is_file()
-    manifest = _export(roots.results / name, args.output, args.configurations, args.folds,
-                       fingerprint if use_fp else None)
-    size = sum(e["bytes"] for e in manifest["files"].values())
-    print(f"wrote {args.output}: {name}, {_summary(manifest['selection'])} "
-          f"({len(manifest['files'])} files, {_human(size)} unpacked)")
-    print(f"  fingerprint: {fingerprint if use_fp else 'not included'}")
-    return 0
-
-
-def run_import(args: argparse.Namespace) -> int:
-    """Run ``autoseg import``; returns the exit status."""
-    from .layout import Roots
-
-    if args.max_gb <= 0:
-        raise AutosegError(f"--max-gb must be positive, found {args.max_gb}")
-    roots = Roots.from_env()
-    folder = import_bundle(args.bundle, roots.results, max_bytes=int(args.max_gb * 2**30), overwrite=args.overwrite)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    folds: dict[str, list[str]] = {}
-    for rel in manifest["files"]:
-        parts = rel.split("/")
-        if len(parts) == 3 and parts[2] == FINAL:
-            folds.setdefault(parts[0], []).append(parts[1].removeprefix("fold_"))
-    selection = {c: sorted(f, key=_fold_key) for c, f in sorted(folds.items())}
-    print(f"imported {args.bundle} into {folder}: {_summary(selection)} "
-          f"(exported with autoseg {manifest['autoseg_version']} at {manifest['created_utc']})")
-    return 0
-
-
-def add_cli(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """Register ``autoseg export`` and ``autoseg import``."""
-    p = subparsers.add_parser(
-        "export", help="pack trained weights, plans and dataset.json into one model zip",
-        description="Write AUTOSEG_RESULTS/DATASET as a model bundle: per configuration plans.json, dataset.json "
-        "and each fold's checkpoint_final.safetensors, plus inference_plan.json and the fingerprint when present, "
-        "and a manifest with SHA-256 hashes. Only final weights are packed; no pickles.",
-    )
-    p.add_argument("-d", "--dataset", required=True, help="dataset id (501) or folder name (Dataset501_Name)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="ZIP", help="bundle to write, e.g. model.zip")
-    p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIG",
-                   help="configurations to pack (default: every one with at least one finished fold)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
-                   help="folds to pack, e.g. 0 1 2 or all (default: every fold with checkpoint_final)")
-    p.add_argument("--no-fingerprint", action="store_true",
-                   help="leave out AUTOSEG_PREPROCESSED/DATASET/fingerprint.json (packed by default when present)")
-    p.set_defaults(func=run_export)
-
-    q = subparsers.add_parser(
-        "import", help="unpack a model zip into AUTOSEG_RESULTS after checking it",
-        description="Check a model bundle (paths, file kinds, sizes, manifest hashes, plans schema, safetensors "
-        "headers) and install it as AUTOSEG_RESULTS/DATASET. Nothing is written unless every check passes.",
-    )
-    q.add_argument("bundle", type=Path, metavar="ZIP", help="model bundle written by autoseg export")
-    q.add_argument("--overwrite", action="store_true",
-                   help="replace an existing AUTOSEG_RESULTS/DATASET (the old folder is deleted after the swap)")
-    q.add_argument("--max-gb", type=float, default=DEFAULT_MAX_BYTES / 2**30,
-                   help=f"refuse bundles that unpack to more than this many GiB "
-                   f"(default {DEFAULT_MAX_BYTES // 2**30})")
-    q.set_defaults(func=run_import)
-    return p, q

@@ -1,21 +1,25 @@
 """``autoseg demo``: the whole pipeline on a synthetic abdominal CT dataset, as a user would run it.
 
 phantom -> plan_and_preprocess -> train (time-budgeted) -> predict the test cases -> evaluate -> report, each
-step through the real command, in a self-contained folder (its own AUTOSEG_RAW/PREPROCESSED/RESULTS). At the end
-it prints the Dice table, checks the demo's quality targets and says where the report is.
+step through the same pipeline functions as its command, in a self-contained folder (its own raw, preprocessed and
+results roots). At the end it prints the Dice table, checks the demo's quality targets and says where the report is.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import pipeline
 from .errors import AutosegError
+from .layout import IMAGES_TS, LABELS_TS, SUMMARY_JSON, Roots, checkpoint_file, fold_dir, state_file
+from .parallel import DEFAULT_WORKERS
+from .phantom import write_dataset
+from .training.trainer import TrainOptions
 
 NAME = "Dataset501_AbdomenPhantom"
 # What the demo must reach on the phantom (issue: evaluation and demo); checked and printed, never hidden.
@@ -47,76 +51,55 @@ def quality_table(summary: dict[str, Any]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from .cli import main
-
-    out = Path(args.output).resolve()
-    os.environ.update(AUTOSEG_RAW=str(out / "raw"), AUTOSEG_PREPROCESSED=str(out / "preprocessed"),
-                      AUTOSEG_RESULTS=str(out / "results"))
-    raw = out / "raw" / NAME
+def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget: float = 11.0, epochs: int = 1000,
+             iters_per_epoch: int = 25, val_iters: int = 4, seed: int = 0, device: str = "auto",
+             tta: bool = False) -> bool:
+    """Run every step into ``out`` (its own raw, preprocessed and results folders), print the quality table and
+    the time per step; returns whether every demo target was met. A rerun reuses finished steps."""
+    out = Path(out).resolve()
+    roots = Roots(raw=out / "raw", preprocessed=out / "preprocessed", results=out / "results")
+    raw = roots.raw / NAME
     pred, evaluation, report = out / "predictions", out / "evaluation", out / "report"
-    train = ["train", "-d", NAME, "-c", "3d_fullres", "-f", "all", "--time-budget", str(args.time_budget),
-             "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch),
-             "--val-iters", str(args.val_iters), "--seed", str(args.seed), "--device", args.device,
-             "--optimizer", "adamw", "--no-validation"]
-    if (out / "results" / NAME / "3d_fullres" / "fold_all" / "checkpoint_final.safetensors").is_file():
-        train = None  # a finished model: a rerun of the demo goes straight to prediction
-    elif (out / "results" / NAME / "3d_fullres" / "fold_all" / "checkpoint_latest.state.pt").is_file():
-        train.append("--continue")
-    steps = [
-        ("phantom", ["phantom", "-o", str(out / "raw"), "--cases", str(args.train_cases), "--test-cases",
-                     str(args.test_cases), "--size", "demo", "--seed", str(args.seed), "--name", NAME]),
-        ("plan_and_preprocess", ["plan_and_preprocess", "-d", NAME, "-c", "3d_fullres", "-np", "2",
-                                 "--device", "gpu" if args.device == "cuda" else "auto"]),
+    fold = fold_dir(roots.results / NAME / "3d_fullres", "all")
+    train: Callable[[], Any] | None = None
+    if not checkpoint_file(fold, "final").is_file():  # a finished model: a rerun goes straight to prediction
+        opts = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                            time_budget_min=time_budget, device=device, seed=seed, optimizer="adamw",
+                            continue_training=state_file(fold).is_file(), validate=False)
+        train = partial(pipeline.train, roots, NAME, "3d_fullres", "all", opts)
+    steps: list[tuple[str, Callable[[], Any] | None]] = [
+        ("phantom", partial(write_dataset, roots.raw, train_cases, seed, "demo", test_cases, NAME)),
+        ("plan_and_preprocess", partial(pipeline.plan_and_preprocess, roots, NAME, ["3d_fullres"], 2,
+                                        device="gpu" if device == "cuda" else "auto")),
         ("train", train),
-        ("predict", ["predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", NAME, "-c", "3d_fullres",
-                     "--device", args.device] + ([] if args.tta else ["--no-tta"])),
-        ("evaluate", ["evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(pred), "-d", NAME,
-                      "-o", str(evaluation)]),
-        ("report", ["report", "-i", str(pred), "-images", str(raw / "imagesTs"), "-o", str(report), "-d", NAME]),
+        ("predict", partial(pipeline.predict, roots, raw / IMAGES_TS, pred, dataset=NAME, configuration="3d_fullres",
+                            device=device, mirror=tta)),
+        ("evaluate", partial(pipeline.evaluate, roots, raw / LABELS_TS, pred, evaluation, dataset=NAME,
+                             num_workers=DEFAULT_WORKERS)),
+        ("report", partial(pipeline.report, roots, pred, report, raw / IMAGES_TS, dataset=NAME,
+                           num_workers=DEFAULT_WORKERS)),
     ]
     start = time.perf_counter()
     timings = []
-    for name, argv in steps:
-        if argv is None:
+    for name, step in steps:
+        if step is None:
             print(f"\n== {name}: already done in {out}, skipped")
             continue
-        print(f"\n== {name}: autoseg {' '.join(argv)}", flush=True)
+        print(f"\n== {name}", flush=True)
         t = time.perf_counter()
-        if main(argv) != 0:
-            raise AutosegError(f"demo step '{name}' failed (see the message above); fix it and rerun `autoseg demo`")
+        try:
+            step()
+        except AutosegError as e:
+            raise AutosegError(f"demo step '{name}' failed: {e}; fix it and rerun `autoseg demo`") from None
         timings.append((name, time.perf_counter() - t))
-    summary = json.loads((evaluation / "summary.json").read_text())
+    summary = json.loads((evaluation / SUMMARY_JSON).read_text())
     lines, ok = quality_table(summary)
     print("\n== demo quality on the held-out test cases")
     print("\n".join(lines))
     print("\n== time per step: " + ", ".join(f"{n} {s:.0f} s" for n, s in timings)
           + f"; total {time.perf_counter() - start:.0f} s")
-    print(f"report: {report / 'report.html'}\nevaluation: {evaluation / 'summary.json'}")
+    print(f"report: {report / 'report.html'}\nevaluation: {evaluation / SUMMARY_JSON}")
     if not ok:
         print("some demo targets were not met in this budget (see benchmarks/RESULTS.md for measured figures; "
               "a GPU or a larger --time-budget trains further)")
-    return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "demo", help="run the whole pipeline on a synthetic abdominal CT dataset",
-        description="Generate a phantom dataset, plan, preprocess, train 3d_fullres on all training cases within "
-        "a time budget, predict the test cases, evaluate and write the report, all under --output. A rerun "
-        "reuses finished steps.",
-    )
-    p.add_argument("-o", "--output", default="autoseg_demo", help="demo folder (default ./autoseg_demo)")
-    p.add_argument("--train-cases", type=int, default=24, help="phantom training cases (default 24)")
-    p.add_argument("--test-cases", type=int, default=8, help="phantom test cases (default 8)")
-    p.add_argument("--time-budget", type=float, default=11.0,
-                   help="training minutes; the schedule is scaled to it (default 11: with the 1.5-minute install, "
-                   "the whole `make demo` stays under 15 minutes on 2 cores)")
-    p.add_argument("--epochs", type=int, default=1000, help="epoch cap (the time budget usually ends training)")
-    p.add_argument("--iters-per-epoch", type=int, default=25, help="iterations per epoch (default 25)")
-    p.add_argument("--val-iters", type=int, default=4, help="validation batches per epoch (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the phantom, weights and sampling (default 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train and predict")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x the prediction time)")
-    p.set_defaults(func=run_cli)
-    return p
+    return ok

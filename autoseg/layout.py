@@ -1,8 +1,15 @@
-"""Where datasets, preprocessed data and results live, and how a dataset is named on the command line."""
+"""Where datasets, preprocessed data and results live, and every file name inside them.
+
+Raw (nnU-Net v2)::  <raw>/<dataset>/dataset.json, imagesTr/CASE_XXXX<ending>, labelsTr/CASE<ending>, imagesTs/, labelsTs/
+Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, plans.json, dataset.json,
+                    <data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
+Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
+                    fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, log.jsonl,
+                    progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
+"""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +29,9 @@ class Roots:
     results: Path
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> "Roots":
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str], cwd: Path | None = None) -> "Roots":
+        """From ``AUTOSEG_RAW``/``AUTOSEG_PREPROCESSED``/``AUTOSEG_RESULTS`` in ``env`` (the CLI passes the process
+        environment), else folders under ``cwd``."""
         cwd = Path.cwd() if cwd is None else cwd
         return cls(
             raw=Path(env.get("AUTOSEG_RAW", cwd / "autoseg_raw")),
@@ -49,3 +57,60 @@ def dataset_name(spec: str, raw_root: Path) -> str:
             )
         raise AutosegError(f"dataset id {spec} is ambiguous under {raw_root}: {', '.join(matches)}; pass the full name")
     raise AutosegError(f"'{spec}' is not a dataset id (e.g. 501) or name (e.g. Dataset501_Abdomen)")
+
+
+# Raw dataset
+DATASET_JSON = "dataset.json"
+IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs", "labelsTs"
+
+# Preprocessed dataset
+FINGERPRINT_JSON = "fingerprint.json"
+PLANS_JSON = "plans.json"
+
+# Results
+SPLITS_JSON = "splits.json"
+INFERENCE_PLAN_JSON = "inference_plan.json"
+STATE_SUFFIX = ".state.pt"
+LOG_JSONL = "log.jsonl"
+PROGRESS_PNG = "progress.png"
+VALIDATION = "validation"
+SUMMARY_JSON = "summary.json"
+
+
+def image_file(case_id: str, channel: int, ending: str) -> str:
+    """``CASE_XXXX<ending>``: one channel of a raw image."""
+    return f"{case_id}_{channel:04d}{ending}"
+
+
+PREPROCESSED_SUFFIXES = {"data": ".npy", "seg": "_seg.npy", "fg": "_fg.npz", "props": ".json"}
+
+
+def preprocessed_files(case_id: str) -> dict[str, str]:
+    """File names of one preprocessed case: image (``data``), labels (``seg``), foreground samples (``fg``) and
+    properties (``props``, written last: its presence marks a finished case)."""
+    return {kind: f"{case_id}{suffix}" for kind, suffix in PREPROCESSED_SUFFIXES.items()}
+
+
+def fold_dir(config_dir: Path, fold: int | str) -> Path:
+    """``<configuration>/fold_<k>``."""
+    return config_dir / f"fold_{fold}"
+
+
+def checkpoint_name(which: str) -> str:
+    """``checkpoint_<which>.safetensors`` (``latest``, ``best`` or ``final``): weights only."""
+    return f"checkpoint_{which}.safetensors"
+
+
+def checkpoint_file(fold_folder: Path, which: str) -> Path:
+    """:func:`checkpoint_name` in a fold folder."""
+    return fold_folder / checkpoint_name(which)
+
+
+def state_file(fold_folder: Path, which: str = "latest") -> Path:
+    """``checkpoint_<which>.state.pt``: weights, optimizer, schedule and RNG state for ``--continue``."""
+    return fold_folder / f"checkpoint_{which}{STATE_SUFFIX}"
+
+
+def trained_folds(config_dir: Path, which: str = "final") -> list[str]:
+    """Fold ids (``"0"``, ``"all"``) under ``config_dir`` with a ``checkpoint_<which>``, sorted as strings."""
+    return sorted(p.parent.name.removeprefix("fold_") for p in config_dir.glob(f"fold_*/{checkpoint_name(which)}"))

@@ -8,6 +8,7 @@ OpenMP threads cannot deadlock them.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, TypeVar
@@ -15,6 +16,9 @@ from typing import Callable, Iterable, TypeVar
 from tqdm import tqdm
 
 from .errors import AutosegError
+
+# Worker processes a command starts by default: each holds one case in memory.
+DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,9 +47,11 @@ def _guarded(args: tuple[Callable[[T], R], T]) -> tuple[R | None, str | None]:
 
 
 def map_cases(
-    fn: Callable[[T], R], items: Iterable[T], num_workers: int = 1, desc: str = "", progress: bool = True
+    fn: Callable[[T], R], items: Iterable[T], num_workers: int = 1, desc: str = "", progress: bool = True,
+    initializer: Callable[[], None] | None = None,
 ) -> list[tuple[R | None, str | None]]:
-    """``[(result, None) | (None, error message)]`` for each item, in order. ``fn`` must be a module-level function.
+    """``[(result, None) | (None, error message)]`` for each item, in order. ``fn`` (and ``initializer``, run once
+    in each worker process) must be module-level functions.
 
     Only user-facing errors (``AutosegError``) and memory exhaustion are caught; anything else is a bug and
     propagates with its traceback. A worker process that dies outright (the OOM killer) raises an ``AutosegError``
@@ -57,7 +63,7 @@ def map_cases(
     if num_workers <= 1 or len(items) <= 1:
         return [_guarded(j) for j in tqdm(jobs, **bar)]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(num_workers, len(items)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(min(num_workers, len(items)), mp_context=ctx, initializer=initializer) as pool:
         futures = [pool.submit(_guarded, j) for j in jobs]
         try:
             return [f.result() for f in tqdm(futures, **bar)]

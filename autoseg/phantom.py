@@ -40,12 +40,10 @@ the same masks, so image and label always agree. The smallest tumour diameter is
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -53,11 +51,11 @@ from tqdm import tqdm
 
 from .atomic import remove_stale_temporaries, write_json
 from .io.images import Geometry, write_image
+from .labels import DEFAULT_LABELS
 from .errors import AutosegError
 
-__all__ = ["SIZES", "LABELS", "generate_case", "case_seed", "write_dataset", "add_cli", "run_cli"]
+__all__ = ["SIZES", "generate_case", "case_seed", "write_dataset"]
 
-LABELS: dict[str, int] = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}
 DEFAULT_NAME = "Dataset501_AbdomenPhantom"
 FILE_ENDING = ".nii.gz"
 
@@ -391,7 +389,7 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
         _wobble(rng, 0.1, (50, 120)),
     )
     for lobe in (right_lobe, left_lobe):
-        solid(lobe, hu["liver"], LABELS["liver"])
+        solid(lobe, hu["liver"], DEFAULT_LABELS["liver"])
     if rng.random() < 0.7:
         gb = _Ellipsoid(
             right_lobe.centre + np.array([0.35 * right_lobe.semi[0], -0.45 * right_lobe.semi[1], -55.0]),
@@ -415,8 +413,8 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
         if r is not None:
             sl, q = r
             whole = inside_cavity(sl, q <= 1)
-            cv.paint(sl, whole, hu["cortex"], LABELS["kidney"])
-            cv.paint(sl, whole & (q <= rng.uniform(0.45, 0.55)), hu["medulla"], LABELS["kidney"])
+            cv.paint(sl, whole, hu["cortex"], DEFAULT_LABELS["kidney"])
+            cv.paint(sl, whole & (q <= rng.uniform(0.45, 0.55)), hu["medulla"], DEFAULT_LABELS["kidney"])
 
     # Vessels: aorta (arterial contrast) left-anterior of the spine, IVC to its right.
     ax, ar = rng.uniform(8, 16), rng.uniform(10, 13)
@@ -443,8 +441,8 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
     # Tumours, clipped to their organ as it stands after everything else was painted.
     d_min = max(5.0, 2.0 * float(np.prod(geometry.spacing)) ** (1 / 3))
     organ_sites = {
-        "liver": ([right_lobe, right_lobe, right_lobe, left_lobe], LABELS["liver"], LABELS["liver_tumor"], hu["liver"]),
-        "kidney": (kidneys, LABELS["kidney"], LABELS["kidney_tumor"], 0.5 * (hu["cortex"] + hu["medulla"])),
+        "liver": ([right_lobe, right_lobe, right_lobe, left_lobe], DEFAULT_LABELS["liver"], DEFAULT_LABELS["liver_tumor"], hu["liver"]),
+        "kidney": (kidneys, DEFAULT_LABELS["kidney"], DEFAULT_LABELS["kidney_tumor"], 0.5 * (hu["cortex"] + hu["medulla"])),
     }
     for name, (sites, organ_label, tumour_label, parenchyma) in organ_sites.items():
         n = int(rng.choice(4, p=[0.25, 0.4, 0.2, 0.15]))
@@ -509,7 +507,7 @@ def _draw_intensities(rng: np.random.Generator) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dataset writer and CLI
+# Dataset writer
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -570,7 +568,7 @@ def write_dataset(
         folder / "dataset.json",
         {
             "channel_names": {"0": "CT"},
-            "labels": dict(LABELS),
+            "labels": dict(DEFAULT_LABELS),
             "numTraining": num_cases,
             "file_ending": FILE_ENDING,
             "name": dataset_name,
@@ -581,46 +579,3 @@ def write_dataset(
         },
     )
     return folder
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, found {value}")
-        return value
-
-    return parse
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``autoseg phantom``: write a synthetic dataset so every other command has data to run on."""
-    p = subparsers.add_parser(
-        "phantom",
-        help="write a synthetic abdominal CT dataset (nnU-Net v2 raw layout)",
-        description="Write a deterministic synthetic abdominal CT dataset with liver, kidney and tumour labels.",
-    )
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
-                   help="folder to write into; the dataset goes to DIR/<name>/")
-    p.add_argument("--cases", type=_count(1), default=8, metavar="N", help="number of training cases (default 8)")
-    p.add_argument("--test-cases", type=_count(0), default=0, metavar="N",
-                   help="number of test cases, written with labels to imagesTs/ and labelsTs/ (default 0)")
-    p.add_argument("--seed", type=_count(0), default=0, metavar="S",
-                   help="dataset seed; the same seed writes the same files (default 0)")
-    p.add_argument("--size", choices=sorted(SIZES), default="small",
-                   help="small: ~60x60x32 voxels, for tests; demo: ~128x128x64, for the demo (default small)")
-    p.add_argument("--name", default=DEFAULT_NAME, metavar="NAME",
-                   help=f"dataset folder name (default {DEFAULT_NAME})")
-    p.set_defaults(func=run_cli)
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``autoseg phantom``; returns the exit status."""
-    folder = write_dataset(args.output, args.cases, args.seed, args.size, args.test_cases, args.name)
-    tail = f" and {args.test_cases} test" if args.test_cases else ""
-    print(f"wrote {args.cases} training{tail} case(s) ({args.size}) to {folder}")
-    return 0

@@ -26,7 +26,7 @@ from autoseg.cli import main as cli  # noqa: E402
 from autoseg.network import build_network  # noqa: E402
 from autoseg.phantom import write_dataset  # noqa: E402
 from autoseg.planning.planner import plan  # noqa: E402
-from autoseg.training.trainer import save_checkpoint  # noqa: E402
+from autoseg.checkpoint import save_checkpoint  # noqa: E402
 
 NAME = "Dataset902_BenchPredict"
 NNUNET_NO_TTA_S = 105.0

@@ -29,7 +29,8 @@ from autoseg.training.losses import SegmentationLoss  # noqa: E402
 from autoseg.network import build_network, count_parameters, ds_scales  # noqa: E402
 from autoseg.phantom import write_dataset  # noqa: E402
 from autoseg.planning.planner import plan  # noqa: E402
-from autoseg.training.trainer import pick_device, train_steps  # noqa: E402
+from autoseg.checkpoint import pick_device  # noqa: E402
+from autoseg.training.trainer import train_steps  # noqa: E402
 
 NNUNET_3D_STEP_S = 36.0  # nnU-Net v2.8.1, 3d_fullres 128x80x128 batch 2, 31 M parameters, 2 CPU cores
 ITERS = {"gpu": 2, "cpu": 5}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from autoseg.bundle import add_cli, export_bundle, import_bundle, open_bundle, read_manifest
+from autoseg.bundle import export_bundle, import_bundle, open_bundle, read_manifest
+from autoseg.cli.bundle import add_cli
 from autoseg.errors import AutosegError
 
 REPO = Path(__file__).resolve().parents[1]

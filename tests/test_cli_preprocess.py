@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.cli import build_parser, main
-from autoseg.io.images import list_cases, load_dataset_json, read_case
+from autoseg.io.dataset import list_cases, load_dataset_json, read_case
 from autoseg.preprocessing.preprocess import restore_labels
 from autoseg.schemas import validate
 

@@ -1,4 +1,4 @@
-"""Tests for autoseg.dataset_io (reading, writing, dataset.json, verify_dataset), autoseg.paths and autoseg.atomic.
+"""Tests for autoseg.io (reading, writing, dataset.json, verify_dataset), autoseg.layout and autoseg.atomic.
 
 Every dataset here is tiny (8 x 10 x 12 voxels) and built in tmp_path with SimpleITK.
 """
@@ -15,20 +15,12 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.atomic import TMP_MARK, atomic_path
-from autoseg.io.images import (
-    Case,
-    Geometry,
-    _nifti_scan,
-    check_dataset,
-    list_cases,
-    load_dataset_json,
-    read_case,
-    read_header,
-    read_image,
-    verify_dataset,
-    write_image,
-)
+from autoseg.io.dataset import Case, list_cases, load_dataset_json, read_case
+from autoseg.io.images import Geometry, read_header, read_image, write_image
+from autoseg.io.nifti import nifti_scan
+from autoseg.io.verify import check_dataset, verify_dataset
 from autoseg.errors import AutosegError, DatasetError
+from autoseg.cli.common import env_roots
 from autoseg.layout import Roots, dataset_name
 
 SHAPE = (8, 10, 12)  # (z, y, x)
@@ -647,7 +639,7 @@ def test_roots_env_override(tmp_path):
 def test_roots_from_process_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSEG_PREPROCESSED", str(tmp_path / "pp"))
     monkeypatch.chdir(tmp_path)
-    roots = Roots.from_env()
+    roots = env_roots()
     assert roots.preprocessed == tmp_path / "pp"
     assert roots.raw == tmp_path / "autoseg_raw"
 
@@ -703,24 +695,24 @@ def test_nifti_scan_counts_nonfinite_across_chunk_boundaries(tmp_path, dtype):
     flat[7::1703] = -np.inf
     path = write_volume(tmp_path / "big.nii.gz", arr)
     expected = (int(np.isnan(arr).sum()), int(np.isinf(arr).sum()))
-    assert _nifti_scan(path) == (None, expected)
+    assert nifti_scan(path) == (None, expected)
     path.write_bytes(path.read_bytes()[:-5000])
-    reason, _ = _nifti_scan(path)
+    reason, _ = nifti_scan(path)
     assert reason.startswith("gzip stream ends early, after ")
 
 
 def test_nifti_scan_tiny_file_and_integer_data(tmp_path):
     path = write_volume(tmp_path / "tiny.nii", np.ones((2, 2, 2), np.uint8))
     assert path.stat().st_size == 360
-    assert _nifti_scan(path) == (None, (0, 0))
+    assert nifti_scan(path) == (None, (0, 0))
     path.write_bytes(path.read_bytes()[:-3])
-    assert _nifti_scan(path) == ("holds 357 bytes, header promises 360", (0, 0))
+    assert nifti_scan(path) == ("holds 357 bytes, header promises 360", (0, 0))
 
 
 def test_nifti_scan_ignores_non_nifti(tmp_path):
     path = tmp_path / "x.nii"
     path.write_bytes(b"\0" * 1000)
-    assert _nifti_scan(path) == (None, (0, 0))
+    assert nifti_scan(path) == (None, (0, 0))
 
 
 def test_nan_in_mha_dataset_and_label(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of autoseg.evaluate: metric values on constructed arrays with hand-computed expectations."""
+"""Tests of autoseg.evaluation (metrics, lesions, evaluate): metric values on constructed arrays with hand-computed expectations."""
 
 import argparse
 import doctest
@@ -10,14 +10,21 @@ import pandas as pd
 import pytest
 
 import autoseg.evaluation.evaluate as ev
+import autoseg.evaluation.lesions as ev_lesions
+import autoseg.evaluation.metrics as ev_metrics
+import autoseg.labels as label_module
+import autoseg.masks as masks
+from autoseg.cli.evaluation import add_evaluate_cli
 from autoseg.io.images import Geometry, write_image
 from autoseg.errors import AutosegError
+from autoseg.labels import default_regions, tumour_label_values
 
 ABDOMEN = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}
 
 
 def test_docstring_examples():
-    assert doctest.testmod(ev).failed == 0
+    for module in (ev, ev_lesions, ev_metrics, label_module, masks):
+        assert doctest.testmod(module).failed == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -29,7 +36,7 @@ def test_overlap_metrics_from_known_counts():
     pred = np.zeros_like(ref)
     ref.flat[:10] = True  # 10 reference voxels
     pred.flat[4:12] = True  # 8 predicted voxels, 6 of them (4..9) in the reference
-    m = ev.binary_metrics(pred, ref, (2.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(pred, ref, (2.0, 1.0, 1.0))
     assert (m["tp_voxels"], m["fp_voxels"], m["fn_voxels"]) == (6, 2, 4)
     assert m["dice"] == pytest.approx(12 / 18)
     assert m["iou"] == pytest.approx(6 / 12)
@@ -43,7 +50,7 @@ def test_overlap_metrics_from_known_counts():
 def test_identical_masks_are_perfect():
     ref = np.zeros((5, 6, 7), bool)
     ref[1:4, 2:5, 1:6] = True
-    m = ev.binary_metrics(ref, ref.copy(), (3.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(ref, ref.copy(), (3.0, 1.0, 1.0))
     assert m["dice"] == m["iou"] == m["surface_dice"] == 1.0
     assert m["hd95_mm"] == m["assd_mm"] == m["hd_mm"] == 0.0
 
@@ -51,17 +58,17 @@ def test_identical_masks_are_perfect():
 def test_zero_one_integer_masks_accepted_other_values_refused():
     ref = np.zeros((2, 3, 3), np.uint8)
     ref[0, 1, 1] = 1
-    assert ev.binary_metrics(ref, ref, (1, 1, 1))["dice"] == 1.0
+    assert ev_metrics.binary_metrics(ref, ref, (1, 1, 1))["dice"] == 1.0
     with pytest.raises(ValueError, match="0 and 1"):
-        ev.binary_metrics(ref * 2, ref, (1, 1, 1))
+        ev_metrics.binary_metrics(ref * 2, ref, (1, 1, 1))
     with pytest.raises(ValueError, match="shape"):
-        ev.binary_metrics(ref[:1], ref, (1, 1, 1))
+        ev_metrics.binary_metrics(ref[:1], ref, (1, 1, 1))
     with pytest.raises(ValueError, match="2 value"):
-        ev.binary_metrics(ref, ref, (1, 1))
+        ev_metrics.binary_metrics(ref, ref, (1, 1))
     with pytest.raises(ValueError, match="> 0"):
-        ev.binary_metrics(ref, ref, (1, 0, 1))
+        ev_metrics.binary_metrics(ref, ref, (1, 0, 1))
     with pytest.raises(ValueError, match="tolerance"):
-        ev.binary_metrics(ref, ref, (1, 1, 1), tolerance_mm=-1)
+        ev_metrics.binary_metrics(ref, ref, (1, 1, 1), tolerance_mm=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,12 +82,12 @@ def test_parallel_planes_offset_along_z_anisotropic(k):
     pred = np.zeros_like(ref)
     ref[2] = True
     pred[2 + k] = True
-    m = ev.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=3 * k - 0.5)
+    m = ev_metrics.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=3 * k - 0.5)
     assert m["hd95_mm"] == pytest.approx(3 * k)
     assert m["hd_mm"] == pytest.approx(3 * k)
     assert m["assd_mm"] == pytest.approx(3 * k)
     assert m["surface_dice"] == 0.0  # tolerance just below the shift
-    assert ev.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=3 * k)["surface_dice"] == 1.0  # at the shift
+    assert ev_metrics.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=3 * k)["surface_dice"] == 1.0  # at the shift
 
 
 def test_single_voxel_shift_along_x_is_one_mm():
@@ -89,10 +96,10 @@ def test_single_voxel_shift_along_x_is_one_mm():
     pred = np.zeros_like(ref)
     ref[:, :, 3] = True
     pred[:, :, 4] = True
-    m = ev.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=0.5)
+    m = ev_metrics.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=0.5)
     assert (m["hd95_mm"], m["assd_mm"], m["hd_mm"]) == (1.0, 1.0, 1.0)
     assert m["surface_dice"] == 0.0
-    assert ev.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=1.0)["surface_dice"] == 1.0
+    assert ev_metrics.binary_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=1.0)["surface_dice"] == 1.0
 
 
 def test_shift_along_y_uses_y_spacing():
@@ -100,7 +107,7 @@ def test_shift_along_y_uses_y_spacing():
     pred = np.zeros_like(ref)
     ref[:, 2, :] = True
     pred[:, 4, :] = True
-    m = ev.binary_metrics(pred, ref, (3.0, 0.7, 1.0))
+    m = ev_metrics.binary_metrics(pred, ref, (3.0, 0.7, 1.0))
     assert m["hd95_mm"] == pytest.approx(1.4)
     assert m["assd_mm"] == pytest.approx(1.4)
 
@@ -112,10 +119,10 @@ def test_distances_are_to_the_other_surface_not_its_interior():
     ref[1:8, 1:8, 1:8] = True
     pred = np.zeros_like(ref)
     pred[3:6, 3:6, 3:6] = True
-    d_pred, d_ref = ev._surface_distances(pred, ref, (1.0, 1.0, 1.0))
+    d_pred, d_ref = ev_metrics._surface_distances(pred, ref, (1.0, 1.0, 1.0))
     assert d_pred.size == 26 and np.all(d_pred == 2.0)
     assert d_ref.size == 7**3 - 5**3
-    m = ev.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert m["hd_mm"] == pytest.approx(math.sqrt(12))
     assert m["dice"] == pytest.approx(2 * 27 / (27 + 343))
 
@@ -140,8 +147,8 @@ def _brute_force_surface_distances(a, b, spacing):
 @pytest.mark.parametrize("method", ["edt", "kdtree"])
 def test_distance_metrics_match_brute_force_definition(method, monkeypatch):
     if method == "kdtree":  # force the k-d tree path that large organ boxes take
-        monkeypatch.setattr(ev, "EDT_MAX_VOXELS", 0)
-        monkeypatch.setattr(ev, "KDTREE_SPARSITY", 0)
+        monkeypatch.setattr(ev_metrics, "EDT_MAX_VOXELS", 0)
+        monkeypatch.setattr(ev_metrics, "KDTREE_SPARSITY", 0)
     rng = np.random.default_rng(0)
     ref = np.zeros((8, 10, 12), bool)
     ref[2:6, 2:8, 3:10] = True
@@ -152,13 +159,13 @@ def test_distance_metrics_match_brute_force_definition(method, monkeypatch):
     spacing = (2.5, 0.8, 0.6)
     d_pred, d_ref = _brute_force_surface_distances(pred, ref, spacing)
     both = np.concatenate([d_pred, d_ref])
-    m = ev.binary_metrics(pred, ref, spacing, tolerance_mm=1.0)
+    m = ev_metrics.binary_metrics(pred, ref, spacing, tolerance_mm=1.0)
     assert m["hd95_mm"] == pytest.approx(np.percentile(both, 95))  # union of both sets (MedPy hd95)
     assert m["hd95_mm"] <= max(np.percentile(d_pred, 95), np.percentile(d_ref, 95))
     assert m["hd_mm"] == pytest.approx(both.max())
     assert m["assd_mm"] == pytest.approx(both.mean())
     assert m["surface_dice"] == pytest.approx(np.mean(both <= 1.0 + 1e-6))  # 0.6^2 + 0.8^2 rounds either way
-    got_pred, got_ref = ev._surface_distances(pred, ref, spacing, method)
+    got_pred, got_ref = ev_metrics._surface_distances(pred, ref, spacing, method)
     np.testing.assert_allclose(np.sort(got_pred), np.sort(d_pred))
     np.testing.assert_allclose(np.sort(got_ref), np.sort(d_ref))
 
@@ -167,7 +174,7 @@ def test_mask_on_array_border_has_surface_there():
     ref = np.ones((3, 3, 3), bool)  # the whole array: every voxel but the centre is surface
     pred = np.zeros_like(ref)
     pred[1, 1, 1] = True
-    m = ev.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert m["hd_mm"] == pytest.approx(math.sqrt(3))  # ref corner to the centre voxel
     assert m["hd95_mm"] > 0
 
@@ -178,7 +185,7 @@ def test_mask_on_array_border_has_surface_there():
 
 def test_both_empty_is_perfect_agreement():
     z = np.zeros((4, 4, 4), bool)
-    m = ev.binary_metrics(z, z, (1.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(z, z, (1.0, 1.0, 1.0))
     for k in ("dice", "iou", "sensitivity", "precision", "surface_dice"):
         assert m[k] == 1.0
     for k in ("hd95_mm", "hd_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml", "relative_volume_error"):
@@ -191,7 +198,7 @@ def test_one_empty_gives_zero_overlap_and_nan_distances(empty):
     full[1:3, 1:3, 1:3] = True
     z = np.zeros_like(full)
     pred, ref = (z, full) if empty == "pred" else (full, z)
-    m = ev.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
+    m = ev_metrics.binary_metrics(pred, ref, (1.0, 1.0, 1.0))
     for k in ("dice", "iou", "sensitivity", "precision", "surface_dice"):
         assert m[k] == 0.0
     for k in ("hd95_mm", "hd_mm", "assd_mm"):
@@ -212,7 +219,7 @@ def test_split_lesion_detected_at_iou_and_halves_matched():
     pred = np.zeros_like(ref)
     pred[1:5, 1:5, 1:4] = True  # 48
     pred[1:5, 1:5, 5:9] = True  # 64; column 4 is missed
-    d = ev.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
+    d = ev_lesions.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
     (r,) = d["reference"]
     assert r["n_overlapping"] == 2
     assert r["iou"] == pytest.approx(112 / 128)
@@ -227,7 +234,7 @@ def test_merged_lesions_detected_by_overlap_only():
     ref[1:4, 1:4, 6:9] = True  # 27 voxels
     pred = np.zeros_like(ref)
     pred[1:4, 1:4, 0:9] = True  # 81 voxels bridging both
-    d = ev.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
+    d = ev_lesions.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
     assert len(d["reference"]) == 2 and len(d["predicted"]) == 1
     for r in d["reference"]:
         assert r["iou"] == pytest.approx(27 / 81)
@@ -244,7 +251,7 @@ def test_missed_lesion_false_positive_and_partial_overlap():
     pred = np.zeros_like(ref)
     pred[1:3, 5:9, 5:7] = True  # 16 voxels inside lesion 2: IoU 0.4
     pred[1:3, 1:3, 15:18] = True  # far from everything: false positive
-    d = ev.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
+    d = ev_lesions.lesion_detection(pred, ref, (1.0, 1.0, 1.0))
     missed, partial = d["reference"]
     assert (missed["detected_iou"], missed["detected_any"], missed["n_overlapping"]) == (False, False, 0)
     assert partial["iou"] == pytest.approx(16 / 40)
@@ -256,7 +263,7 @@ def test_missed_lesion_false_positive_and_partial_overlap():
 def test_lesions_are_26_connected():
     ref = np.zeros((3, 3, 3), bool)
     ref[0, 0, 0] = ref[1, 1, 1] = ref[2, 2, 2] = True  # corner-touching voxels: one lesion
-    d = ev.lesion_detection(np.zeros_like(ref), ref, (1.0, 1.0, 1.0))
+    d = ev_lesions.lesion_detection(np.zeros_like(ref), ref, (1.0, 1.0, 1.0))
     assert len(d["reference"]) == 1 and d["reference"][0]["voxels"] == 3
 
 
@@ -267,12 +274,12 @@ def test_size_bins_from_equivalent_diameters():
     ref[0:2, 0:2, 3:5] = True
     ref[0:3, 0:3, 8:11] = True
     ref[0:4, 0:4, 14:18] = True
-    d = ev.lesion_detection(np.zeros_like(ref), ref, (5.0, 5.0, 5.0))
+    d = ev_lesions.lesion_detection(np.zeros_like(ref), ref, (5.0, 5.0, 5.0))
     diam = sorted((r["diameter_mm"], r["size_bin"], r["volume_ml"]) for r in d["reference"])
     assert [round(x[0], 2) for x in diam] == [6.20, 12.41, 18.61, 24.81]
     assert [x[1] for x in diam] == ["<10mm", "10-20mm", "10-20mm", ">20mm"]
     assert [x[2] for x in diam] == pytest.approx([0.125, 1.0, 3.375, 8.0])
-    assert ev.size_bin(10.0) == "10-20mm" and ev.size_bin(20.0) == "10-20mm" and ev.size_bin(20.001) == ">20mm"
+    assert ev_lesions.size_bin(10.0) == "10-20mm" and ev_lesions.size_bin(20.0) == "10-20mm" and ev_lesions.size_bin(20.001) == ">20mm"
 
 
 def test_detection_stats_by_bin():
@@ -286,7 +293,7 @@ def test_detection_stats_by_bin():
         {"size_bin": "<10mm", "matched_iou": False, "matched_any": True},
         {"size_bin": "<10mm", "matched_iou": False, "matched_any": False},
     ]
-    s = ev.detection_stats(ref, pred)
+    s = ev_lesions.detection_stats(ref, pred)
     a = s["iou"]["all"]
     assert (a["recall"], a["precision"]) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
     assert a["f1"] == pytest.approx(1 / 3)
@@ -294,7 +301,7 @@ def test_detection_stats_by_bin():
     assert s["iou"][">=10mm"]["recall"] == 0.5 and s["iou"][">=10mm"]["n_reference"] == 2
     assert s["iou"]["<10mm"]["precision"] == 0.0 and s["iou"]["<10mm"]["f1"] == 0.0
     assert math.isnan(s["iou"][">20mm"]["precision"]) and s["iou"][">20mm"]["f1"] == 0.0
-    empty = ev.detection_stats([], [])["iou"]["all"]
+    empty = ev_lesions.detection_stats([], [])["iou"]["all"]
     assert math.isnan(empty["recall"]) and math.isnan(empty["precision"]) and math.isnan(empty["f1"])
 
 
@@ -303,9 +310,9 @@ def test_detection_stats_by_bin():
 
 
 def test_default_regions_and_tumour_labels():
-    assert ev.default_regions(ABDOMEN) == {"liver_region": [1, 2], "kidney_region": [3, 4]}
-    assert ev.tumour_label_values(ABDOMEN) == [2, 4]
-    assert ev.default_regions({"background": 0, "Kidney": 1, "Kidney tumour": 2}) == {"Kidney_region": [1, 2]}
+    assert default_regions(ABDOMEN) == {"liver_region": [1, 2], "kidney_region": [3, 4]}
+    assert tumour_label_values(ABDOMEN) == [2, 4]
+    assert default_regions({"background": 0, "Kidney": 1, "Kidney tumour": 2}) == {"Kidney_region": [1, 2]}
 
 
 def test_kits_region_rule_kidney_includes_tumour():
@@ -354,7 +361,7 @@ def test_evaluate_case_crop_matches_full_array_metrics():
     spacing = (2.5, 0.7, 0.7)
     r = ev.evaluate_case(pred, ref, spacing, ABDOMEN, tolerance_mm=1.5)
     for name, value in (("liver", [1]), ("liver_tumor", [2]), ("liver_region", [1, 2])):
-        full = ev.binary_metrics(np.isin(pred, value), np.isin(ref, value), spacing, 1.5)
+        full = ev_metrics.binary_metrics(np.isin(pred, value), np.isin(ref, value), spacing, 1.5)
         got = {k: v for k, v in r["structures"][name].items() if k not in ("kind", "values")}
         assert got == pytest.approx(full, nan_ok=True)
 
@@ -465,7 +472,7 @@ def test_evaluate_folders_reads_spacing_in_array_order(tmp_path):
 
 def _parser():
     p = argparse.ArgumentParser()
-    ev.add_cli(p.add_subparsers(dest="command"))
+    add_evaluate_cli(p.add_subparsers(dest="command"))
     return p
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from autoseg.cli import main
 from autoseg.io.images import Geometry, write_image, write_probabilities
-from autoseg.inference.ensemble import find_best_configuration
+from autoseg.inference.selection import find_best_configuration
 
 NAME = "Dataset501_AbdomenPhantom"
 META = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,

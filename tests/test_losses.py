@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from autoseg.errors import AutosegError
 from autoseg.training.losses import SegmentationLoss, deep_supervision_weights, soft_dice
-from autoseg.training.trainer import dice_per_label, label_layout, labels_from_probabilities, make_splits, poly_lr, pseudo_dice
+from autoseg.labels import label_layout, labels_from_probabilities
+from autoseg.masks import dice_per_label
+from autoseg.training.splits import make_splits
+from autoseg.training.trainer import poly_lr, pseudo_dice
 
 
 @pytest.fixture(autouse=True)

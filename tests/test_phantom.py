@@ -11,9 +11,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from autoseg.io.images import load_dataset_json
+from autoseg.io.dataset import load_dataset_json
 from autoseg.errors import AutosegError
-from autoseg.phantom import SIZES, add_cli, case_seed, generate_case, write_dataset
+from autoseg.cli.phantom import add_cli
+from autoseg.phantom import SIZES, case_seed, generate_case, write_dataset
 
 SEEDS = range(8)  # includes flipped cases (3 and 5); asserted below so the checks keep their meaning
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

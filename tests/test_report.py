@@ -1,4 +1,4 @@
-"""Tests of autoseg.report: measurements on constructed shapes with known size, and the files the command writes."""
+"""Tests of autoseg.evaluation.report and rendering: measurements on constructed shapes with known size, and the files the command writes."""
 
 import argparse
 import doctest
@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+import autoseg.evaluation.rendering as rendering
 import autoseg.evaluation.report as rp
+from autoseg.cli.evaluation import add_report_cli
 from autoseg.io.images import Geometry, to_sitk, write_image
 from autoseg.errors import AutosegError
+from autoseg.labels import DEFAULT_LABELS
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -158,13 +161,13 @@ def cases(tmp_path):
 
 def _parser():
     p = argparse.ArgumentParser()
-    rp.add_cli(p.add_subparsers(dest="command"))
+    add_report_cli(p.add_subparsers(dest="command"))
     return p
 
 
 def _labels_file(tmp_path):
     path = tmp_path / "labels.json"
-    path.write_text(json.dumps({"labels": rp.DEFAULT_LABELS, "file_ending": ".nii.gz"}))
+    path.write_text(json.dumps({"labels": DEFAULT_LABELS, "file_ending": ".nii.gz"}))
     return path
 
 
@@ -205,7 +208,7 @@ def test_report_cli_writes_csv_json_html_png(cases, tmp_path, capsys):
 
 def test_report_without_images_over_blank(cases, tmp_path):
     pred, _ = cases
-    reports = rp.report_folder(pred, tmp_path / "out", rp.DEFAULT_LABELS, progress=False)
+    reports = rp.report_folder(pred, tmp_path / "out", DEFAULT_LABELS, progress=False)
     assert len(reports) == 2 and (tmp_path / "out" / "overlays" / "b2.png").is_file()
 
 
@@ -214,7 +217,7 @@ def test_report_missing_images_named_together(cases, tmp_path):
     for p in images.iterdir():
         p.unlink()
     with pytest.raises(AutosegError, match=r"2 case\(s\) have no image .*a1, b2"):
-        rp.report_folder(pred, tmp_path / "out", rp.DEFAULT_LABELS, image_dir=images, progress=False)
+        rp.report_folder(pred, tmp_path / "out", DEFAULT_LABELS, image_dir=images, progress=False)
 
 
 def test_report_image_on_another_grid_is_an_error(cases, tmp_path):
@@ -222,13 +225,13 @@ def test_report_image_on_another_grid_is_an_error(cases, tmp_path):
     write_image(images / "b2_0000.nii.gz", np.zeros((8, 24, 24), np.int16),
                 Geometry((1.0, 1.0, 2.5), (0.0, 0.0, 0.0), IDENTITY, (8, 24, 24)))
     with pytest.raises(AutosegError, match=r"b2\.nii\.gz: spacing .* image .*b2_0000"):
-        rp.report_folder(pred, tmp_path / "out", rp.DEFAULT_LABELS, image_dir=images, progress=False)
+        rp.report_folder(pred, tmp_path / "out", DEFAULT_LABELS, image_dir=images, progress=False)
 
 
 def test_display_follows_radiological_convention():
     flipped = Geometry((1, 1, 1), (0, 0, 0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (2, 2, 2))
-    assert rp._display_flips(flipped) == (True, True)
-    assert rp._display_flips(Geometry((1, 1, 1), (0, 0, 0), IDENTITY, (2, 2, 2))) == (False, False)
+    assert rendering._display_flips(flipped) == (True, True)
+    assert rendering._display_flips(Geometry((1, 1, 1), (0, 0, 0), IDENTITY, (2, 2, 2))) == (False, False)
 
 
 def test_report_cli_flags_have_help():

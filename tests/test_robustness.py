@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 import robustness_helpers as h
 from autoseg.cli import main
-from autoseg.io.images import Case, read_image
+from autoseg.io.dataset import Case
+from autoseg.io.images import read_image
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 from autoseg.phantom import write_dataset

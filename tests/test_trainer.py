@@ -24,6 +24,7 @@ import autoseg.training.trainer as trainer
 from autoseg.cli import main
 from autoseg.training.data import BatchLoader, region_targets
 from autoseg.errors import AutosegError
+from autoseg.labels import label_layout
 from autoseg.network import build_network, ds_scales
 from autoseg.layout import Roots
 from autoseg.phantom import write_dataset
@@ -421,7 +422,7 @@ def test_region_based_training(tmp_path):
     roots = prepare(tmp_path, 2, seed=3, patch=[16, 32, 32], features=[4, 8, 16], labels=REGION_LABELS,
                     regions_class_order=[1, 2, 3, 4])
     meta = json.loads((roots.preprocessed / NAME / "dataset.json").read_text())
-    assert trainer.label_layout(meta) == (4, REGIONS, [1, 2, 3, 4])
+    assert label_layout(meta) == (4, REGIONS, [1, 2, 3, 4])
     config = tiny_config(roots)
     folder = roots.preprocessed / NAME / "3d_fullres"
     ids = ["phantom_000", "phantom_001"]

@@ -28,8 +28,6 @@ linking them relatively.
 
 from __future__ import annotations
 
-import argparse
-import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,25 +37,16 @@ from urllib.parse import quote
 import numpy as np
 from scipy import ndimage
 
-from ..atomic import atomic_path, write_json
-from ..io.images import Geometry, read_image
+from ..atomic import json_safe, write_csv, write_json
 from ..errors import AutosegError
-from .evaluate import (
-    DEFAULT_WORKERS, _TUMOUR_RE, _as_labels, _case_files, _check_label_map, _geometry_mismatch, _positive_int,
-    add_label_flags, connected_components, json_safe, label_boxes, resolve_labels, tumour_label_values, write_csv,
-)
+from ..io.dataset import case_files, find_image
+from ..io.images import Geometry, read_image
+from ..labels import DEFAULT_LABELS, LabelSpec, check_labels
+from ..masks import connected_components, label_boxes
 from ..parallel import map_cases
-
-__all__ = [
-    "DEFAULT_LABELS", "max_axial_diameter", "index_to_world", "lesion_measurements", "case_report",
-    "render_montage", "write_html", "report_folder", "add_cli", "run_cli",
-]
-
-DEFAULT_LABELS: dict[str, int] = {"background": 0, "liver": 1, "liver_tumor": 2, "kidney": 3, "kidney_tumor": 4}
-CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, W400 / L40
-OVERLAY_ALPHA = 0.45
-MAX_PANELS = 4
-
+from .evaluate import geometry_mismatch
+from .metrics import as_labels
+from .rendering import render_montage, write_html
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measurements
@@ -145,21 +134,6 @@ def index_to_world(index_zyx: Sequence[float], geometry: Geometry) -> tuple[floa
     return tuple(float(v) for v in p)
 
 
-def _tumour_organs(label_map: Mapping[str, Any]) -> dict[int, tuple[str, str, int | None]]:
-    """tumour value -> (tumour name, organ name, organ value or None)."""
-    checked = _check_label_map(label_map)
-    by_lower = {n.lower(): (n, v) for n, v in checked.items() if isinstance(v, int) and v}
-    names = {v: n for n, v in checked.items() if isinstance(v, int)}
-    out = {}
-    for value in tumour_label_values(label_map):
-        organ = _TUMOUR_RE.match(names[value]).group("organ") or ""
-        if organ.lower() in by_lower:
-            out[value] = (names[value], by_lower[organ.lower()][0], by_lower[organ.lower()][1])
-        else:
-            out[value] = (names[value], names[value], None)
-    return out
-
-
 def lesion_measurements(
     labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -189,13 +163,13 @@ def lesion_measurements(
     >>> les[0]["structure"], les[0]["volume_ml"], round(les[0]["max_axial_diameter_mm"], 3), les[0]["centroid_world_mm"]
     ('liver_tumor', 0.008, 4.123, [2.5, 1.5, 1.0])
     """
-    labels = _as_labels(labels, "labels")
+    labels = as_labels(labels, "labels")
     if labels.ndim != 3 or tuple(labels.shape) != tuple(geometry.shape):
         raise ValueError(f"labels shape {labels.shape} must be 3D and match the geometry's {tuple(geometry.shape)}")
     label_map = DEFAULT_LABELS if label_map is None else label_map
     spacing = geometry.spacing_zyx
     voxel_mm3 = float(np.prod(spacing))
-    tumours = _tumour_organs(label_map)
+    tumours = LabelSpec.from_labels(label_map).tumour_organs()
     out: list[dict[str, Any]] = []
     max_value = max(tumours, default=0)
     boxes = label_boxes(labels, max_value)
@@ -251,9 +225,9 @@ def case_report(
     >>> r["volumes_ml"]["liver"], r["tumour_count"], r["liver_tumour_burden"]
     (0.014, {'liver': 1, 'kidney': 0}, 0.125)
     """
-    labels = _as_labels(labels, "labels")
+    labels = as_labels(labels, "labels")
     label_map = DEFAULT_LABELS if label_map is None else label_map
-    checked = _check_label_map(label_map)
+    checked = check_labels(label_map)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     named = {n: v for n, v in checked.items() if isinstance(v, int) and v != 0}
     counts = np.bincount(labels.ravel(), minlength=max(named.values(), default=0) + 1)
@@ -262,7 +236,7 @@ def case_report(
     tumour_count: dict[str, int] = {}
     tumour_volume: dict[str, float] = {}
     burden: dict[str, float] = {}
-    for value, (name, organ, organ_value) in sorted(_tumour_organs(label_map).items()):
+    for value, (name, organ, organ_value) in sorted(LabelSpec.from_labels(label_map).tumour_organs().items()):
         tumour_count[organ] = tumour_count.get(organ, 0) + sum(les["structure"] == name for les in lesions)
         tumour_volume[organ] = tumour_volume.get(organ, 0.0) + volumes[name]
         whole = tumour_volume[organ] + (volumes[organ] if organ_value else 0.0)
@@ -276,103 +250,6 @@ def case_report(
         "liver_tumour_burden": burden.get("liver", math.nan),
         "lesions": lesions,
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering
-
-
-def _palette(max_value: int) -> np.ndarray:
-    from matplotlib import colormaps
-
-    colours = colormaps["tab10"].colors
-    table = np.zeros((max_value + 1, 4), dtype=np.float32)
-    for v in range(1, max_value + 1):
-        table[v, :3] = colours[v % len(colours)]
-        table[v, 3] = OVERLAY_ALPHA
-    return table
-
-
-def _display_flips(geometry: Geometry) -> tuple[bool, bool]:
-    """(flip rows, flip columns) that show an axial slice in radiological convention for axis-aligned directions."""
-    d = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
-    flip_cols = abs(d[0, 0]) >= 0.5 and d[0, 0] < 0  # index x runs toward patient right: mirror
-    flip_rows = abs(d[1, 1]) >= 0.5 and d[1, 1] < 0  # index y runs anterior: mirror
-    return flip_rows, flip_cols
-
-
-def _panel_slices(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], max_panels: int) -> list[int]:
-    slices: list[int] = []
-    for les in sorted(lesions, key=lambda les: -les["volume_ml"]):
-        if les["axial_slice"] not in slices:
-            slices.append(les["axial_slice"])
-        if len(slices) == max_panels:
-            break
-    if not slices:
-        per_slice = np.count_nonzero(labels.reshape(labels.shape[0], -1), axis=1)
-        slices = [int(per_slice.argmax()) if per_slice.any() else labels.shape[0] // 2]
-    return slices
-
-
-def render_montage(
-    path: str | Path,
-    labels: np.ndarray,
-    geometry: Geometry,
-    lesions: Sequence[Mapping[str, Any]],
-    image: np.ndarray | None = None,
-    label_map: Mapping[str, Any] | None = None,
-    title: str = "",
-    max_panels: int = MAX_PANELS,
-) -> list[int]:
-    """Write a PNG of axial slices through the largest lesions (or the slice with most foreground), labels
-    coloured over the CT (abdominal window) or over black; each lesion's maximal axial diameter is drawn on its
-    slice. Returns the slice indices shown."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    label_map = DEFAULT_LABELS if label_map is None else label_map
-    named = {v: n for n, v in _check_label_map(label_map).items() if isinstance(v, int) and v}
-    slices = _panel_slices(labels, lesions, max_panels)
-    palette = _palette(max(int(labels.max(initial=0)), max(named, default=0)))
-    flip_rows, flip_cols = _display_flips(geometry)
-    sz, sy, sx = geometry.spacing_zyx
-    ny, nx = labels.shape[1:]
-
-    def oriented(a: np.ndarray) -> np.ndarray:
-        a = a[::-1] if flip_rows else a
-        return a[:, ::-1] if flip_cols else a
-
-    fig = Figure(figsize=(3.6 * len(slices), 4.0), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(slices), squeeze=False)[0]
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.07, top=0.9, wspace=0.03)
-    for ax, z in zip(axes, slices):
-        if image is not None:
-            ax.imshow(oriented(image[z]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
-                      aspect=sy / sx, interpolation="nearest")
-        else:
-            ax.imshow(np.zeros((ny, nx)), cmap="gray", vmin=0, vmax=1, aspect=sy / sx)
-        ax.imshow(oriented(palette[labels[z]]), aspect=sy / sx, interpolation="nearest")
-        for les in lesions:
-            if les["axial_slice"] != z:
-                continue
-            (_, y0, x0), (_, y1, x1) = les["diameter_endpoints_index"]
-            ys = [ny - 1 - y0, ny - 1 - y1] if flip_rows else [y0, y1]
-            xs = [nx - 1 - x0, nx - 1 - x1] if flip_cols else [x0, x1]
-            ax.plot(xs, ys, color="yellow", linewidth=1.0)
-            ax.text(xs[1], ys[1], f" {les['structure']} {les['lesion']}: {les['max_axial_diameter_mm']:.1f} mm",
-                    color="yellow", fontsize=6)
-        ax.set_title(f"slice z={z}", fontsize=8)
-        ax.set_axis_off()
-    present = [v for v in sorted(named) if np.any(labels[slices] == v)]
-    if present:
-        fig.legend(handles=[Patch(color=palette[v][:3], label=named[v]) for v in present], loc="lower center",
-                   ncol=len(present), fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return slices
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,53 +276,8 @@ def _lesion_rows(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _num(v: Any, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: Mapping[str, str]) -> None:
-    """One HTML page: a table of all cases, then per case its lesions and overlay (``images``: case -> relative
-    link)."""
-    e = html.escape
-    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>autoseg report</title><style>",
-           "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;margin:.5em 0}"
-           " td,th{border:1px solid #bbb;padding:2px 6px;text-align:right} th{background:#eee}"
-           " img{max-width:100%}</style></head><body><h1>autoseg report</h1>",
-           f"<p>{len(reports)} case(s). Volumes in mL; burden = tumour / (organ + tumour) volume; diameters are the "
-           "maximal axial (in-plane) diameters.</p>"]
-    if reports:
-        vol_names = list(reports[0]["volumes_ml"])
-        organs = list(reports[0]["tumour_count"])
-        out.append("<table><tr><th>case</th>" + "".join(f"<th>{e(n)} mL</th>" for n in vol_names)
-                   + "".join(f"<th>{e(o)} tumours</th><th>{e(o)} burden</th>" for o in organs) + "</tr>")
-        for rep in reports:
-            cells = "".join(f"<td>{_num(rep['volumes_ml'][n], '.1f')}</td>" for n in vol_names)
-            cells += "".join(f"<td>{rep['tumour_count'][o]}</td><td>{_num(rep['tumour_burden'][o], '.3f')}</td>"
-                             for o in organs)
-            out.append(f"<tr><td><a href='#{e(rep['case'])}'>{e(rep['case'])}</a></td>{cells}</tr>")
-        out.append("</table>")
-    for rep in reports:
-        out.append(f"<h2 id='{e(rep['case'])}'>{e(rep['case'])}</h2>")
-        if rep["lesions"]:
-            out.append("<table><tr><th>lesion</th><th>volume mL</th><th>max axial diameter mm</th>"
-                       "<th>slice</th><th>centroid x, y, z mm (LPS)</th></tr>")
-            for les in rep["lesions"]:
-                c = ", ".join(f"{v:.1f}" for v in les["centroid_world_mm"])
-                out.append(f"<tr><td>{e(les['structure'])} {les['lesion']}</td><td>{les['volume_ml']:.2f}</td>"
-                           f"<td>{les['max_axial_diameter_mm']:.1f}</td><td>{les['axial_slice']}</td>"
-                           f"<td>{c}</td></tr>")
-            out.append("</table>")
-        else:
-            out.append("<p>no tumour</p>")
-        if rep["case"] in images:
-            out.append(f"<p><img src='{e(images[rep['case']])}' alt='{e(rep['case'])} overlay'></p>")
-    out.append("</body></html>")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(out) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Folders and command line
+# Folders
 
 
 @dataclass(frozen=True)
@@ -465,7 +297,7 @@ def _report_task(task: _ReportTask) -> dict[str, Any]:
     image = None
     if task.image is not None:
         image, image_geo = read_image(task.image)
-        problem = _geometry_mismatch(Path(task.pred), geometry, Path(task.image), image_geo)
+        problem = geometry_mismatch(Path(task.pred), geometry, Path(task.image), image_geo)
         if problem:
             raise AutosegError(problem.replace("reference", "image") + "; the prediction must lie on its image's grid")
     label_map = dict(task.label_map)
@@ -475,13 +307,6 @@ def _report_task(task: _ReportTask) -> dict[str, Any]:
         raise AutosegError(f"{task.pred}: {e}") from None
     render_montage(task.png, labels, geometry, rep["lesions"], image, label_map, title=task.case)
     return rep
-
-
-def _find_image(folder: Path, case: str, ending: str) -> Path | None:
-    for name in (f"{case}_0000{ending}", f"{case}{ending}"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def report_folder(
@@ -501,8 +326,8 @@ def report_folder(
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
     if not pred_dir.is_dir():
         raise AutosegError(f"{pred_dir}: prediction folder not found")
-    checked = _check_label_map(label_map)
-    cases = _case_files(pred_dir, file_ending)
+    checked = check_labels(label_map)
+    cases = case_files(pred_dir, file_ending)
     if not cases:
         raise AutosegError(f"{pred_dir}: holds no label map CASE{file_ending}; is the file ending right?")
     images: dict[str, Path | None] = {c: None for c in cases}
@@ -510,7 +335,7 @@ def report_folder(
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise AutosegError(f"{image_dir}: image folder not found")
-        images = {c: _find_image(image_dir, c, file_ending) for c in cases}
+        images = {c: find_image(image_dir, c, file_ending) for c in cases}
         missing = [c for c, p in images.items() if p is None]
         if missing:
             raise AutosegError(
@@ -545,40 +370,3 @@ def report_folder(
     }))
     write_html(out_dir / "report.html", reports, {c: "overlays/" + quote(f"{c}.png") for c in cases})
     return reports
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``autoseg report``."""
-    p = subparsers.add_parser(
-        "report",
-        help="per-case volumes, tumour counts and burden, lesion diameters and overlay images of predictions",
-        description="Measure predicted label maps: organ and tumour volumes (mL), tumours per organ, per lesion "
-        "volume, maximal axial diameter and centroid (LPS mm), liver tumour burden; write report.csv, "
-        "report_lesions.csv, report.json, overlays/CASE.png and report.html.",
-    )
-    p.add_argument("-i", "--input", dest="input", required=True, metavar="PRED_DIR",
-                   help="folder of predicted label maps CASE<file_ending>")
-    p.add_argument("-images", "--images", dest="images", default=None, metavar="IMG_DIR",
-                   help="folder with the CT images (CASE_0000<file_ending>, e.g. imagesTs/) to draw the labels over; "
-                   "default: labels over black")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write the report into")
-    add_label_flags(p, "PRED_DIR")
-    p.add_argument("-np", "--num-workers", type=_positive_int, default=DEFAULT_WORKERS,
-                   help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
-    p.set_defaults(func=run_cli)
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``autoseg report``; returns the exit status."""
-    pred = Path(args.input)
-    label_map, ending = resolve_labels(args.dataset, args.labels, [pred])
-    reports = report_folder(pred, args.output, label_map, ending, args.images, args.num_workers)
-    n_lesions = sum(len(r["lesions"]) for r in reports)
-    print(f"{len(reports)} case(s), {n_lesions} lesion(s)")
-    for r in reports:
-        counts = ", ".join(f"{o} {n}" for o, n in r["tumour_count"].items())
-        burden = r["liver_tumour_burden"]
-        print(f"  {r['case']}: tumours {counts or '-'}; liver tumour burden {_num(burden, '.3f')}")
-    print(f"wrote {Path(args.output) / 'report.html'} (and report.csv, report_lesions.csv, report.json)")
-    return 0

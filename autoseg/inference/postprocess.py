@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..evaluation.evaluate import connected_components, dice_per_label
+from ..masks import connected_components, dice_per_label
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

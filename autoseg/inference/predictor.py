@@ -9,17 +9,28 @@ the logits over every combination of flipped axes. A 2D network runs over the ax
 from __future__ import annotations
 
 import itertools
+import json
+import resource
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..atomic import remove_stale_temporaries
+from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
-
-if TYPE_CHECKING:
-    from ..io.images import Geometry
+from ..io.dataset import images_in_folder, read_case
+from ..io.images import Geometry, write_image, write_probabilities
+from ..labels import LabelSpec, labels_from_probabilities
+from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
+from ..network import build_network
+from ..preprocessing.preprocess import preprocess_case, restore_probabilities
+from ..schemas import validate
+from .postprocess import apply_postprocessing
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -107,17 +118,6 @@ def sliding_window(
     return logits.cpu()
 
 
-def labels_from_probabilities(probs: np.ndarray, regions_class_order: list[int] | None) -> np.ndarray:
-    """Label map from (C, ...) probabilities: argmax for softmax outputs; for regions, each region (p > 0.5)
-    paints its label in ``regions_class_order`` order, so nested regions end with the innermost label."""
-    if regions_class_order is None:
-        return probs.argmax(0).astype(np.uint8)
-    seg = np.zeros(probs.shape[1:], dtype=np.uint8)
-    for i, label in enumerate(regions_class_order):
-        seg[probs[i] > 0.5] = label
-    return seg
-
-
 def predict_probabilities(
     models: Sequence[nn.Module],
     data: np.ndarray,
@@ -133,8 +133,6 @@ def predict_probabilities(
     Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
     models in the preprocessed space, then resampled back and uncropped exactly (``restore_probabilities``).
     """
-    from ..preprocessing.preprocess import restore_probabilities
-
     patch = config["patch_size"]
     x = torch.from_numpy(np.array(data, dtype=np.float32))
     total = None
@@ -162,9 +160,7 @@ class Predictor:
         self.plans, self.meta, self.configuration = plans, meta, configuration
         self.config = plans["configurations"][configuration]
         self.models, self.device, self.mirror, self.step = models, device, mirror, step
-        from ..training.trainer import label_layout
-
-        _, regions, self.regions_class_order = label_layout(meta)
+        _, regions, self.regions_class_order = LabelSpec.from_meta(meta).layout()
         self.regions = regions is not None
 
     @classmethod
@@ -172,42 +168,34 @@ class Predictor:
                      checkpoint: str = "final", device: str = "auto", mirror: bool = True,
                      step: float = 0.5) -> "Predictor":
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
-        import json
-
-        from ..network import build_network
-        from ..schemas import validate
-        from ..training.trainer import label_layout, load_weights, pick_device
-
         config_dir = Path(config_dir)
         try:
-            plans = json.loads((config_dir / "plans.json").read_text())
-            meta = json.loads((config_dir / "dataset.json").read_text())
+            plans = json.loads((config_dir / PLANS_JSON).read_text())
+            meta = json.loads((config_dir / DATASET_JSON).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise AutosegError(f"{config_dir}: not a trained configuration ({e}); train it first") from None
-        validate(plans, "plans", str(config_dir / "plans.json"))
+        validate(plans, "plans", str(config_dir / PLANS_JSON))
         configuration = config_dir.name
         if configuration not in plans["configurations"]:
             raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")
-        available = sorted(p.parent.name.removeprefix("fold_") for p in config_dir.glob(f"fold_*/checkpoint_{checkpoint}.safetensors"))
+        available = trained_folds(config_dir, checkpoint)
         chosen = [str(f) for f in folds] if folds else available
         missing = [f for f in chosen if f not in available]
         if missing or not chosen:
             raise AutosegError(f"{config_dir}: no checkpoint_{checkpoint} for fold(s) {missing or 'any'} "
                                f"(trained: {available or 'none'}); train them or pick others with -f")
         dev = pick_device(device)
-        n_out, _, _ = label_layout(meta)
+        n_out, _, _ = LabelSpec.from_meta(meta).layout()
         models = []
         for f in chosen:
             net = build_network(plans["configurations"][configuration], len(meta["channel_names"]), n_out)
-            load_weights(config_dir / f"fold_{f}" / f"checkpoint_{checkpoint}.safetensors", net)
+            load_weights(checkpoint_file(fold_dir(config_dir, f), checkpoint), net)
             models.append(net.to(dev).eval())
         return cls(plans, meta, configuration, models, dev, mirror, step)
 
     def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
         """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
         path as training, then the sliding window over every fold and the exact inverse."""
-        from ..preprocessing.preprocess import preprocess_case
-
         try:
             pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
         except ValueError as e:
@@ -230,15 +218,6 @@ def predict_folder(
     Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
     others. Each output is written atomically.
     """
-    import resource
-    import time
-
-    from tqdm import tqdm
-
-    from ..atomic import remove_stale_temporaries
-    from ..io.images import images_in_folder, read_case, write_image, write_probabilities
-    from .postprocess import apply_postprocessing
-
     meta = predictors[0].meta
     ending = meta["file_ending"]
     if not in_dir.is_dir():

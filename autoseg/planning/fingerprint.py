@@ -14,7 +14,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import __version__
-from ..io.images import Case, label_values, read_case
+from ..io.dataset import Case, read_case
+from ..labels import LabelSpec
 from ..errors import AutosegError, DatasetError
 from ..parallel import map_cases
 from ..schemas import validate
@@ -133,7 +134,7 @@ def compute_fingerprint(
                            f"CASE_XXXX{meta['file_ending']} (or check AUTOSEG_RAW)")
     results = map_cases(_case_worker, cases, num_workers, desc="fingerprint", progress=progress)
     errors = [err for _, err in results if err]
-    declared = set(label_values(meta))  # without --verify, the only check before undeclared values reach training
+    declared = set(LabelSpec.from_labels(meta["labels"]).values)  # without --verify, the only check before undeclared values reach training
     for case, (res, _) in zip(cases, results):
         undeclared = sorted(int(v) for v in (res[0]["class_voxels"] if res else {}) if int(v) not in declared)
         if undeclared:

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..atomic import remove_stale_temporaries, write_json, write_npy, write_npz
-from ..io.images import Case, Geometry, read_case
+from ..io.dataset import Case, read_case
+from ..io.images import Geometry
+from ..layout import preprocessed_files
 from ..errors import AutosegError, DatasetError
 from ..planning.fingerprint import nonzero_bbox
 from ..parallel import map_cases
@@ -143,11 +145,12 @@ def config_hash(config: dict[str, Any], normalization: list[dict[str, Any]]) -> 
 
 def case_done(folder: Path, case_id: str, digest: str) -> bool:
     """True when all four files of a case exist and were made with the current preprocessing."""
-    meta = folder / f"{case_id}.json"
-    if not meta.is_file() or not all((folder / f"{case_id}{s}").is_file() for s in (".npy", "_fg.npz")):
+    files = preprocessed_files(case_id)
+    meta = folder / files["props"]
+    if not meta.is_file() or not all((folder / files[kind]).is_file() for kind in ("data", "fg")):
         return False
     props = json.loads(meta.read_text())
-    return props.get("preprocessing") == digest and (not props.get("has_label") or (folder / f"{case_id}_seg.npy").is_file())
+    return props.get("preprocessing") == digest and (not props.get("has_label") or (folder / files["seg"]).is_file())
 
 
 def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) -> str:
@@ -158,11 +161,12 @@ def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) 
     except ValueError as e:
         raise AutosegError(f"case {case.case_id} ({case.images[0]}): {e}") from None
     folder = Path(folder)
-    write_npy(folder / f"{case.case_id}.npy", data)
+    files = preprocessed_files(case.case_id)
+    write_npy(folder / files["data"], data)
     if seg is not None:
-        write_npy(folder / f"{case.case_id}_seg.npy", seg)
-    write_npz(folder / f"{case.case_id}_fg.npz", foreground_locations(seg, case.case_id) if seg is not None else {})
-    write_json(folder / f"{case.case_id}.json", {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None, **props})
+        write_npy(folder / files["seg"], seg)
+    write_npz(folder / files["fg"], foreground_locations(seg, case.case_id) if seg is not None else {})
+    write_json(folder / files["props"], {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None, **props})
     return case.case_id
 
 

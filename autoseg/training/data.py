@@ -29,6 +29,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import AutosegError
+from ..layout import PREPROCESSED_SUFFIXES, preprocessed_files
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,15 @@ def load_case(folder: Path, case_id: str) -> PreprocessedCase:
                 "rerun `autoseg plan_and_preprocess` to regenerate this case (a rerun skips cases whose .json exists)"
             ) from e
 
-    props = read(".json", lambda p: json.loads(p.read_text()))
-    data = read(".npy", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-    seg = read("_seg.npy", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+    props = read(PREPROCESSED_SUFFIXES["props"], lambda p: json.loads(p.read_text()))
+    data = read(PREPROCESSED_SUFFIXES["data"], lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+    seg = read(PREPROCESSED_SUFFIXES["seg"], lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
 
     def read_fg(path: Path) -> dict[int, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {int(k.removeprefix("class_")): z[k] for k in z.files}
 
-    fg = read("_fg.npz", read_fg)
+    fg = read(PREPROCESSED_SUFFIXES["fg"], read_fg)
     if data.ndim != 4 or data.dtype != np.float32 or seg.shape != data.shape[1:] or seg.dtype != np.uint8:
         raise AutosegError(
             f"case {case_id}: image {data.dtype} {data.shape} and labels {seg.dtype} {seg.shape} in {folder} do not "
@@ -320,7 +321,7 @@ class BatchLoader:
         patch = [int(p) for p in config["patch_size"]]
         if not case_ids:
             raise AutosegError(f"no training cases given for {folder}")
-        missing = [c for c in case_ids if not (folder / f"{c}.json").is_file()]
+        missing = [c for c in case_ids if not (folder / preprocessed_files(c)["props"]).is_file()]
         if missing:
             raise AutosegError(f"preprocessed case(s) {missing} not found in {folder}; "
                                "rerun `autoseg plan_and_preprocess` for this configuration")

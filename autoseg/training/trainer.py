@@ -1,4 +1,4 @@
-"""Fold training: splits, SGD (or AdamW for short budgets) with a poly schedule, deep-supervised Dice+CE, checkpoints, logs, validation.
+"""Fold training: SGD (or AdamW for short budgets) with a poly schedule, deep-supervised Dice+CE, checkpoints, logs, validation.
 
 Layout (``AUTOSEG_RESULTS/<dataset>/``): ``splits.json`` (five folds by case id, user-editable, shared by every
 configuration), and per configuration ``plans.json``, ``dataset.json`` and ``fold_<k>/`` with
@@ -18,27 +18,28 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path, remove_stale_temporaries, write_json
-from .data import BatchLoader
-from ..io.images import write_image, write_probabilities
+from ..checkpoint import load_state, pick_device, save_checkpoint
 from ..errors import AutosegError
-from ..evaluation.evaluate import dice_per_label
-from .losses import SegmentationLoss
+from ..labels import label_layout
+from ..layout import (
+    DATASET_JSON, LABELS_TR, LOG_JSONL, PLANS_JSON, PROGRESS_PNG, SPLITS_JSON, Roots, fold_dir, state_file,
+)
 from ..network import build_network, ds_scales
-from ..layout import Roots
-from ..inference.predictor import labels_from_probabilities, predict_probabilities  # noqa: F401  (re-exported for tests)
+from ..schemas import validate
+from .data import BatchLoader
+from .losses import SegmentationLoss
+from .splits import load_or_create_splits
+from .validation import validate_fold
 
-N_FOLDS = 5
-SPLIT_SEED = 12345
 EMA_DECAY = 0.9
 # SGD Nesterov is nnU-Net's choice for long runs; AdamW reaches organ-level Dice several times sooner, which is what
 # a budget of minutes on a CPU needs (measured on the demo phantom, benchmarks/RESULTS.md).
@@ -71,68 +72,6 @@ class TrainOptions:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
 
-# ---------------------------------------------------------------------------------------------------- splits
-
-
-def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
-    """``n_folds`` folds over sorted case ids, shuffled with a fixed seed (same ids give the same splits)."""
-    ids = sorted(case_ids)
-    if len(ids) < n_folds:
-        raise AutosegError(f"{len(ids)} training cases cannot make {n_folds} folds; use --fold all")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    folds = [set(f.tolist()) for f in np.array_split(order, n_folds)]
-    return [{"train": sorted(ids[i] for i in order if i not in f), "val": sorted(ids[i] for i in f)} for f in folds]
-
-
-def load_or_create_splits(path: Path, case_ids: list[str]) -> list[dict[str, list[str]]]:
-    """The splits in ``path`` if present (a user may have edited them), else new ones written there."""
-    if path.is_file():
-        splits = json.loads(path.read_text())
-        unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
-        if unknown:
-            raise AutosegError(f"{path}: cases {unknown[:5]} are not preprocessed; fix the file or delete it")
-        return splits
-    splits = make_splits(case_ids)
-    write_json(path, splits)
-    return splits
-
-
-# ------------------------------------------------------------------------------------------------ set-up helpers
-
-
-def label_layout(meta: dict[str, Any]) -> tuple[int, list[list[int]] | None, list[int] | None]:
-    """(number of outputs, regions or None, regions_class_order or None) from ``dataset.json`` labels.
-
-    A label given as a list of values makes the dataset region-based (nnU-Net convention): one sigmoid output
-    per non-background label, and ``regions_class_order`` tells which label each region paints, in order.
-    """
-    labels = {k: v for k, v in meta["labels"].items() if k != "background"}
-    if any(isinstance(v, list) for v in labels.values()):
-        if "regions_class_order" not in meta:
-            raise AutosegError("dataset.json declares regions (a label given as a list) but no 'regions_class_order'")
-        regions = [v if isinstance(v, list) else [v] for v in labels.values()]
-        return len(regions), regions, list(meta["regions_class_order"])
-    values = sorted([0] + list(labels.values()))
-    if values != list(range(len(values))):
-        raise AutosegError(f"dataset.json labels must be consecutive 0..{len(values) - 1}, found {values}")
-    return len(values), None, None
-
-
-def predicted_labels(meta: dict[str, Any]) -> list[int]:
-    """The label values a trained model paints (``regions_class_order`` for region-based datasets), the ones
-    validation and model selection score."""
-    _, _, rco = label_layout(meta)
-    return sorted(set(rco) if rco else {v for k, v in meta["labels"].items() if k != "background"})
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise AutosegError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(choice)
-
-
 def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
     """SGD Nesterov (momentum, weight decay from ``opts``) or AdamW with the same weight decay."""
     if opts.optimizer == "sgd":
@@ -159,30 +98,6 @@ def _distributed() -> tuple[int, int]:
 def _epoch_seed(seed: int, fold: int | str, epoch: int, rank: int) -> int:
     fold_id = -1 if fold == "all" else int(fold)
     return int(np.random.SeedSequence([seed, fold_id + 1, epoch, rank]).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict[str, Any] | None = None) -> None:
-    """Weights as safetensors; optional training state via ``torch.save`` of tensors and primitives only."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / f"checkpoint_{name}.safetensors") as tmp:
-        save_file(weights, str(tmp))
-    if state is not None:
-        with atomic_path(folder / f"checkpoint_{name}.state.pt") as tmp:
-            torch.save(state, tmp)
-
-
-def load_weights(path: Path, model: torch.nn.Module) -> None:
-    try:
-        weights = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise AutosegError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise AutosegError(f"{path}: weights do not fit the planned network (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}); was it trained with other plans or --encoder?")
 
 
 # -------------------------------------------------------------------------------------------------- one epoch
@@ -282,183 +197,222 @@ def _plot_progress(path: Path, log: list[dict[str, Any]]) -> None:
 
 
 def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
-    with atomic_path(folder / "log.jsonl") as tmp:
+    with atomic_path(folder / LOG_JSONL) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
-    _plot_progress(folder / "progress.png", log)
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def validate_fold(model, data_folder: Path, out: Path, val_ids: list[str], config: dict[str, Any],
-                  meta: dict[str, Any], raw_labels: Path, regions_class_order, device,
-                  save_probabilities: bool = False) -> dict[str, Any]:
-    """Predict each validation case to ``out/validation`` and score it against the raw label."""
-    from ..io.images import read_image
-
-    folder = out / "validation"
-    labels = predicted_labels(meta)
-    per_case = {}
-    for case in val_ids:
-        props = json.loads((data_folder / f"{case}.json").read_text())
-        data = np.load(data_folder / f"{case}.npy", mmap_mode="r", allow_pickle=False)
-        # mirroring multiplies the cost by 2**dims: worth it on a GPU, not in a CPU training job
-        probs, geometry = predict_probabilities([_unwrap(model)], data, props, config,
-                                                regions_class_order is not None, device, mirror=device.type == "cuda")
-        seg = labels_from_probabilities(probs, regions_class_order)
-        if save_probabilities:  # for ensembles in find_best_configuration
-            write_probabilities(folder / f"{case}.npz", probs, geometry)
-        write_image(folder / f"{case}{meta['file_ending']}", seg, geometry)
-        ref_path = raw_labels / f"{case}{meta['file_ending']}"
-        if ref_path.is_file():
-            per_case[case] = dice_per_label(seg, read_image(ref_path)[0], labels)
-    mean = {str(v): float(np.mean([d[str(v)] for d in per_case.values()])) for v in labels} if per_case else {}
-    summary = {"dice_per_case": per_case, "mean_dice": mean,
-               "mean_foreground_dice": float(np.mean(list(mean.values()))) if mean else None}
-    write_json(folder / "summary.json", summary)
-    return summary
+    _plot_progress(folder / PROGRESS_PNG, log)
 
 
 # ------------------------------------------------------------------------------------------------- train a fold
 
 
-def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOptions, roots: Roots) -> Path:
-    """Train one fold (or ``"all"``) of one configuration; returns the fold's output folder."""
-    rank, world = _distributed()
-    pp = roots.preprocessed / dataset
+@dataclass
+class _Setup:
+    """Where and how a fold trains: plans, data, device and precision, fixed before the first epoch."""
+
+    plans: dict[str, Any]
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    data_folder: Path
+    train_ids: list[str]
+    val_ids: list[str]
+    out: Path
+    rank: int
+    world: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+
+
+def _read_plans(pp: Path, configuration: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``plans.json`` and ``dataset.json`` of the preprocessed dataset, checked to hold ``configuration``."""
     try:
-        plans = json.loads((pp / "plans.json").read_text())
-        meta = json.loads((pp / "dataset.json").read_text())
+        plans = json.loads((pp / PLANS_JSON).read_text())
+        meta = json.loads((pp / DATASET_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AutosegError(f"{pp}: plans.json/dataset.json missing or unreadable ({e}); "
                            "run `autoseg plan_and_preprocess` first") from None
-    from ..schemas import validate
-
-    validate(plans, "plans", str(pp / "plans.json"))
+    validate(plans, "plans", str(pp / PLANS_JSON))
     if configuration not in plans["configurations"]:
-        raise AutosegError(f"configuration {configuration} is not in {pp / 'plans.json'} "
+        raise AutosegError(f"configuration {configuration} is not in {pp / PLANS_JSON} "
                            f"(planned: {sorted(plans['configurations'])})")
-    config = plans["configurations"][configuration]
-    data_folder = pp / config["data_identifier"]
+    return plans, meta
+
+
+def _fold_cases(data_folder: Path, results: Path, configuration: str, fold: int | str) -> tuple[list[str], list[str]]:
+    """(training ids, validation ids) of the fold; ``all`` trains and validates on every case."""
     case_ids = sorted(p.stem for p in data_folder.glob("*.json"))
     if not case_ids:
         raise AutosegError(f"{data_folder}: no preprocessed cases; run `autoseg plan_and_preprocess -c {configuration}`")
-    results = roots.results / dataset
     if fold == "all":
-        train_ids = val_ids = case_ids
-    else:
-        split = load_or_create_splits(results / "splits.json", case_ids)[int(fold)]
-        train_ids, val_ids = split["train"], split["val"]
-    out = results / configuration / f"fold_{fold}"
+        return case_ids, case_ids
+    split = load_or_create_splits(results / SPLITS_JSON, case_ids)[int(fold)]
+    return split["train"], split["val"]
+
+
+def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots) -> _Setup:
+    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json."""
+    rank, world = _distributed()
+    pp = roots.preprocessed / dataset
+    plans, meta = _read_plans(pp, configuration)
+    config = plans["configurations"][configuration]
+    data_folder = pp / config["data_identifier"]
+    results = roots.results / dataset
+    train_ids, val_ids = _fold_cases(data_folder, results, configuration, fold)
+    out = fold_dir(results / configuration, fold)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # left by a run killed while writing a checkpoint or log
-        write_json(results / configuration / "plans.json", plans)
-        write_json(results / configuration / "dataset.json", meta)
+        write_json(results / configuration / PLANS_JSON, plans)
+        write_json(results / configuration / DATASET_JSON, meta)
+    return _Setup(plans, meta, config, data_folder, train_ids, val_ids, out, rank, world)
 
+
+def _choose_device(setup: _Setup, opts: TrainOptions) -> None:
+    """Device (one GPU per rank under torchrun), CPU thread count and mixed precision."""
     device = pick_device(opts.device)
-    if device.type == "cuda" and world > 1:
+    if device.type == "cuda" and setup.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     # keep a thread count the user chose: on a shared machine, threads competing for busy cores can be 20x slower
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    amp_dtype = None
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world))
+    setup.device = device
     if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        setup.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    n_out, regions, rco = label_layout(meta)
-    in_channels = len(meta["channel_names"])
+
+def _resume(setup: _Setup, model: torch.nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
+            state: dict[str, Any]) -> None:
+    """Restore weights, optimizer, RNG and run state from ``checkpoint_latest.state.pt`` (``--continue``)."""
+    out = setup.out
+    if not state_file(out).is_file():
+        raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
+    saved = load_state(out)
+    trained_with = saved.pop("optimizer_name", "sgd")  # saved with each checkpoint, not part of the run state
+    if trained_with != opts.optimizer:
+        raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {trained_with}; "
+                           f"continue with the same optimizer (got {opts.optimizer})")
+    # weights come from the state file itself: one atomic file, so a kill between writing the
+    # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
+    model.load_state_dict(saved.pop("model"))
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    torch.set_rng_state(saved.pop("torch_rng"))
+    state.update(saved)
+    if setup.rank == 0:
+        print(f"continuing {out} from epoch {state['epoch']}")
+
+
+def _should_stop(state: dict[str, Any], opts: TrainOptions, budget_s: float) -> tuple[bool, float]:
+    """(whether to stop, training progress in [0, 1]): epochs done or time spent, whichever is further."""
+    progress = max(state["epoch"] / opts.epochs, state["elapsed"] / budget_s)
+    last_epoch_s = state["log"][-1]["epoch_s"] if state["log"] else 0.0
+    return progress >= 1 or state["elapsed"] + last_epoch_s > budget_s, progress  # never start an epoch that overruns
+
+
+def _run_epoch(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, opts: TrainOptions, fold: int | str, epoch: int,
+               regions: list[list[int]] | None, n_out: int) -> tuple[float, float, torch.Tensor]:
+    """One epoch of training and patch validation: (train loss, validation loss, summed TP/FP/FN per class)."""
+    scales = ds_scales(setup.config)
+    batch = max(1, setup.config["batch_size"] // setup.world)
+    workers = opts.num_workers if opts.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 2))
+    seed = _epoch_seed(opts.seed, fold, epoch, setup.rank)
+    train_loader = BatchLoader(setup.data_folder, setup.train_ids, setup.config, scales, batch, seed, workers, True,
+                               regions)
+    val_loader = BatchLoader(setup.data_folder, setup.val_ids, setup.config, scales, batch, seed + 1, 0, False,
+                             regions)
+    try:
+        train_loss = train_steps(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, setup.device,
+                                 setup.amp_dtype, scaler, opts.grad_clip)
+        val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, setup.device, setup.amp_dtype,
+                                      regions is not None, n_out)
+    finally:
+        train_loader.close()
+        val_loader.close()
+    if setup.world > 1:
+        packed = torch.cat([torch.tensor([train_loss, val_loss], dtype=torch.float64), counts.flatten()])
+        dist.all_reduce(packed)
+        train_loss, val_loss = float(packed[0]) / setup.world, float(packed[1]) / setup.world
+        counts = packed[2:].reshape(counts.shape)
+    return train_loss, val_loss, counts
+
+
+def _record_epoch(state: dict[str, Any], epoch: int, lr: float, epoch_s: float, train_loss: float, val_loss: float,
+                  dice: list[float]) -> None:
+    """Update the EMA pseudo-Dice, time and epoch count of the run state and append the epoch's log record."""
+    seen = [d for d in dice if not math.isnan(d)]
+    mean = float(np.mean(seen)) if seen else 0.0
+    state["ema"] = mean if state["ema"] is None else EMA_DECAY * state["ema"] + (1 - EMA_DECAY) * mean
+    state["elapsed"] += epoch_s
+    state["epoch"] = epoch + 1
+    record = {"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+              "pseudo_dice": [round(d, 4) for d in dice], "ema_dice": round(state["ema"], 4),
+              "lr": lr, "epoch_s": round(epoch_s, 2)}
+    state["log"].append(record)
+
+
+def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
+                state: dict[str, Any], epoch: int, lr: float, epoch_s: float, train_loss: float, val_loss: float,
+                dice: list[float]) -> None:
+    """Checkpoints (best when the EMA improved, latest with the full run state), log and progress line."""
+    improved = state["ema"] > state["best"]
+    if improved:
+        state["best"] = state["ema"]
+        save_checkpoint(out, "best", model)
+    save_checkpoint(out, "latest", model, {
+        **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "optimizer_name": opts.optimizer,
+        "torch_rng": torch.get_rng_state(),
+    })
+    _write_log(out, state["log"])
+    dice_txt = " ".join("  nan" if math.isnan(d) else f"{d:.3f}" for d in dice)
+    print(f"epoch {epoch:4d}  train {train_loss:.4f}  val {val_loss:.4f}  pseudo-Dice [{dice_txt}]  "
+          f"EMA {state['ema']:.4f}{' *' if improved else ''}  lr {lr:.5f}  {epoch_s:.1f}s", flush=True)
+
+
+def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOptions, roots: Roots) -> Path:
+    """Train one fold (or ``"all"``) of one configuration; returns the fold's output folder."""
+    setup = _prepare(dataset, configuration, fold, roots)
+    _choose_device(setup, opts)
+    device, config, out = setup.device, setup.config, setup.out
+    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp_dtype == torch.float16)
+
+    n_out, regions, rco = label_layout(setup.meta)
     torch.manual_seed(opts.seed)
-    model = build_network(config, in_channels, n_out, opts.encoder).to(device)
+    model = build_network(config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(device)
     if device.type == "cuda" and config["dims"] == 3:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model, opts)
     state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "log": []}
     if opts.continue_training:
-        if not (out / "checkpoint_latest.state.pt").is_file():
-            raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
-        saved = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
-        trained_with = saved.pop("optimizer_name", "sgd")  # saved with each checkpoint, not part of the run state
-        if trained_with != opts.optimizer:
-            raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {trained_with}; "
-                               f"continue with the same optimizer (got {opts.optimizer})")
-        # weights come from the state file itself: one atomic file, so a kill between writing the
-        # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        torch.set_rng_state(saved.pop("torch_rng"))
-        state.update(saved)
-        if rank == 0:
-            print(f"continuing {out} from epoch {state['epoch']}")
-    if world > 1:
+        _resume(setup, model, optimizer, opts, state)
+    if setup.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loss_fn = SegmentationLoss(len(config["network"]["strides"]) - 1, batch_dice=config["dims"] == 3,
                                regions=regions is not None)
-    scales = ds_scales(config)
-    batch = max(1, config["batch_size"] // world)
-    workers = opts.num_workers if opts.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 2))
     budget_s = opts.time_budget_min * 60 if opts.time_budget_min else math.inf
-
     while True:
         epoch = state["epoch"]
-        progress = max(epoch / opts.epochs, state["elapsed"] / budget_s)
-        last_epoch_s = state["log"][-1]["epoch_s"] if state["log"] else 0.0
-        if progress >= 1 or state["elapsed"] + last_epoch_s > budget_s:  # do not start an epoch that overruns
+        stop, progress = _should_stop(state, opts, budget_s)
+        if stop:
             break
         lr = poly_lr(opts.initial_lr, progress)
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        seed = _epoch_seed(opts.seed, fold, epoch, rank)
-        train_loader = BatchLoader(data_folder, train_ids, config, scales, batch, seed, workers, True, regions)
-        val_loader = BatchLoader(data_folder, val_ids, config, scales, batch, seed + 1, 0, False, regions)
-        try:
-            train_loss = train_steps(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, device,
-                                      amp_dtype, scaler, opts.grad_clip)
-            val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, device, amp_dtype,
-                                          regions is not None, n_out)
-        finally:
-            train_loader.close()
-            val_loader.close()
-        if world > 1:
-            packed = torch.cat([torch.tensor([train_loss, val_loss], dtype=torch.float64), counts.flatten()])
-            dist.all_reduce(packed)
-            train_loss, val_loss = float(packed[0]) / world, float(packed[1]) / world
-            counts = packed[2:].reshape(counts.shape)
+        train_loss, val_loss, counts = _run_epoch(setup, model, loss_fn, optimizer, scaler, opts, fold, epoch,
+                                                  regions, n_out)
         dice = pseudo_dice(counts)
-        seen = [d for d in dice if not math.isnan(d)]
-        mean = float(np.mean(seen)) if seen else 0.0
-        state["ema"] = mean if state["ema"] is None else EMA_DECAY * state["ema"] + (1 - EMA_DECAY) * mean
         epoch_s = time.perf_counter() - t0
-        state["elapsed"] += epoch_s
-        state["epoch"] = epoch + 1
-        record = {"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
-                  "pseudo_dice": [round(d, 4) for d in dice], "ema_dice": round(state["ema"], 4),
-                  "lr": lr, "epoch_s": round(epoch_s, 2)}
-        state["log"].append(record)
-        if rank == 0:
-            improved = state["ema"] > state["best"]
-            if improved:
-                state["best"] = state["ema"]
-                save_checkpoint(out, "best", _unwrap(model))
-            save_checkpoint(out, "latest", _unwrap(model), {
-                **state, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "optimizer_name": opts.optimizer,
-                "torch_rng": torch.get_rng_state(),
-            })
-            _write_log(out, state["log"])
-            dice_txt = " ".join("  nan" if math.isnan(d) else f"{d:.3f}" for d in dice)
-            print(f"epoch {epoch:4d}  train {train_loss:.4f}  val {val_loss:.4f}  pseudo-Dice [{dice_txt}]  "
-                  f"EMA {state['ema']:.4f}{' *' if improved else ''}  lr {lr:.5f}  {epoch_s:.1f}s", flush=True)
-    if rank == 0:
+        _record_epoch(state, epoch, lr, epoch_s, train_loss, val_loss, dice)
+        if setup.rank == 0:
+            _save_epoch(out, _unwrap(model), optimizer, opts, state, epoch, lr, epoch_s, train_loss, val_loss, dice)
+    if setup.rank == 0:
         save_checkpoint(out, "final", _unwrap(model))
         if opts.validate:
-            summary = validate_fold(model, data_folder, out, val_ids, config, meta,
-                                    roots.raw / dataset / "labelsTr", rco, device, opts.save_probabilities)
+            summary = validate_fold(_unwrap(model), setup.data_folder, out, setup.val_ids, config, setup.meta,
+                                    roots.raw / dataset / LABELS_TR, rco, device, opts.save_probabilities)
             print(f"validation mean Dice per label: {summary['mean_dice']}")
-    if world > 1:
+    if setup.world > 1:
         dist.barrier()
     return out

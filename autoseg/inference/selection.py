@@ -1,0 +1,65 @@
+"""Choosing what to predict with from cross-validation (``autoseg find_best_configuration``): the best
+configuration or pairwise ensemble by mean foreground Dice on the validation cases, and its postprocessing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AutosegError
+from ..io.images import read_image
+from ..labels import LabelSpec, labels_from_probabilities
+from ..layout import SUMMARY_JSON, VALIDATION
+from .ensemble import average_probabilities
+from .postprocess import determine_postprocessing, mean_dice
+
+
+def _cv_cases(config_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Validation predictions of every trained fold: case id -> (folder, fold)."""
+    out = {}
+    for summary in sorted(config_dir.glob(f"fold_*/{VALIDATION}/{SUMMARY_JSON}")):
+        for case in json.loads(summary.read_text())["dice_per_case"]:
+            out[case] = (summary.parent, summary.parent.parent.name.removeprefix("fold_"))
+    return out
+
+
+def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Score every trained configuration and pairwise ensemble on the cases all of them validated, choose the best
+    by mean foreground Dice, determine postprocessing on it, and return the inference plan."""
+    spec = LabelSpec.from_meta(meta)
+    _, _, rco = spec.layout()
+    ending = meta["file_ending"]
+    labels = spec.predicted_values()
+    trained = {d.name: _cv_cases(d) for d in sorted(results.iterdir()) if d.is_dir() and _cv_cases(d)}
+    if not trained:
+        raise AutosegError(f"{results}: no configuration has validation results; train folds to the end first")
+    cases = sorted(set.intersection(*(set(v) for v in trained.values())))
+    if not cases:
+        raise AutosegError(f"{results}: the trained configurations share no validation case; train the same folds")
+    refs = [read_image(raw_labels / f"{c}{ending}")[0] for c in cases]
+    candidates: dict[str, list[np.ndarray]] = {
+        name: [read_image(v[c][0] / f"{c}{ending}")[0] for c in cases] for name, v in trained.items()
+    }
+    for a, b in itertools.combinations(sorted(trained), 2):
+        if all((trained[n][c][0] / f"{c}.npz").is_file() for n in (a, b) for c in cases):
+            candidates[f"{a}+{b}"] = [
+                labels_from_probabilities(average_probabilities(
+                    [trained[a][c][0] / f"{c}.npz", trained[b][c][0] / f"{c}.npz"])[0], rco) for c in cases
+            ]
+    table = {name: mean_dice(preds, refs, labels) for name, preds in candidates.items()}
+    best = max(table, key=lambda k: (table[k], -k.count("+")))
+    spec, notes = determine_postprocessing(candidates[best], refs, labels)
+    configs = best.split("+")
+    return {
+        "configurations": configs,
+        "folds": {c: sorted({trained[c][k][1] for k in trained[c]}) for c in configs},
+        "postprocessing": spec,
+        "mean_foreground_dice": table,
+        "cases": len(cases),
+        "notes": [f"chose {best} (mean foreground Dice {table[best]:.4f} on {len(cases)} validation cases)"] + notes,
+    }
+

@@ -1,0 +1,217 @@
+"""The pipeline's stages as functions of explicit :class:`~autoseg.layout.Roots`: what ``autoseg <command>`` and
+``autoseg demo`` both run. Nothing here reads the command line or the environment; the CLI turns those into calls.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import json_safe, write_csv, write_json
+from .bundle import open_bundle
+from .errors import AutosegError, DatasetError
+from .evaluation.evaluate import evaluate_folders
+from .evaluation.report import report_folder
+from .inference.ensemble import ensemble_folders
+from .inference.postprocess import apply_postprocessing
+from .inference.predictor import Predictor, predict_folder
+from .inference.selection import find_best_configuration
+from .io.dataset import images_in_folder, load_dataset_json, resolve_labels
+from .io.images import read_image, write_image
+from .io.verify import check_dataset
+from .labels import LabelSpec
+from .layout import (
+    DATASET_JSON, FINGERPRINT_JSON, IMAGES_TR, INFERENCE_PLAN_JSON, LABELS_TR, PLANS_JSON, Roots, dataset_name,
+    trained_folds,
+)
+from .planning.fingerprint import compute_fingerprint
+from .planning.planner import plan
+from .preprocessing.preprocess import preprocess_dataset
+from .schemas import validate
+from .training.trainer import TrainOptions, train_fold
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def planning_device(choice: str) -> str:
+    """``auto`` plans for a GPU when this machine has one, else for the CPU."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    print(f"planning for {device.upper()} training (--device {device}); pass --device to choose")
+    return device
+
+
+def results_dataset(roots: Roots, spec: str) -> str:
+    """The dataset folder name for ``spec`` (id or name), looked up in the raw folder, else in the results."""
+    return dataset_name(spec, roots.raw if roots.raw.is_dir() else roots.results)
+
+
+def _reusable_fingerprint(fp_path: Path, case_ids: list[str]) -> dict[str, Any] | None:
+    """The fingerprint in ``fp_path`` when it was computed from exactly these cases, else None (recompute)."""
+    try:
+        fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AutosegError(f"{fp_path}: not valid JSON ({e}); delete it to recompute the fingerprint") from None
+    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
+    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None for c in recorded] != case_ids:
+        return None
+    validate(fingerprint, "fingerprint", str(fp_path))
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What ``plan_and_preprocess`` produced: the preprocessed folder, the plans and the configurations prepared."""
+
+    folder: Path
+    plans: dict[str, Any]
+    configurations: list[str]
+
+
+def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str], num_workers: int,
+                        verify: bool = False, gpu_memory_gb: float = 8.0, device: str = "auto") -> Planned:
+    """Fingerprint the raw dataset (reused when computed from the same cases), plan, and preprocess the training
+    cases of every planned configuration in ``configurations``."""
+    name = dataset_name(dataset, roots.raw)
+    raw, out = roots.raw / name, roots.preprocessed / name
+    warnings: list[str] = []
+    meta = check_dataset(raw, warnings, num_workers=num_workers) if verify else load_dataset_json(raw)
+    for w in warnings:  # allowed oddities found by --verify (e.g. an all-background label map)
+        print(f"warning: {w}", file=sys.stderr)
+    cases, problems = images_in_folder(raw / IMAGES_TR, meta["file_ending"], len(meta["channel_names"]),
+                                       raw / LABELS_TR)
+    if problems:
+        raise DatasetError(problems + ["run with --verify for a full check of every file"])
+    fp_path = out / FINGERPRINT_JSON
+    fingerprint = _reusable_fingerprint(fp_path, [c.case_id for c in cases])
+    if fingerprint is None:  # absent, from other cases, or not a fingerprint: recompute
+        fingerprint = compute_fingerprint(name, meta, cases, num_workers)
+        write_json(fp_path, fingerprint)
+    else:
+        print(f"reusing {fp_path} (same {len(cases)} cases); delete it to recompute")
+    plans = plan(fingerprint, gpu_memory_gb, planning_device(device))
+    write_json(out / PLANS_JSON, plans)
+    write_json(out / DATASET_JSON, meta)
+    wanted = [c for c in configurations if c in plans["configurations"]]
+    for c in sorted(set(configurations) - set(wanted)):
+        print(f"{c}: not planned for this dataset (see notes in {out / PLANS_JSON})")
+    preprocess_dataset(cases, plans, wanted, out, num_workers)
+    return Planned(out, plans, wanted)
+
+
+def train(roots: Roots, dataset: str, configuration: str, fold: int | str, opts: TrainOptions) -> Path:
+    """Train one fold (or ``all``) of one configuration; returns the fold's folder."""
+    return train_fold(results_dataset(roots, dataset), configuration, fold, opts, roots)
+
+
+def inference_models(dataset_dir: Path, configuration: str | None, folds: list[str] | None,
+                     fast: bool) -> tuple[list[str], dict[str, list[str] | None], dict[str, Any] | None]:
+    """(configurations, folds per configuration, postprocessing) to predict with: the given configuration, else
+    ``inference_plan.json`` when present, else 3d_fullres; ``folds`` overrides every configuration's folds and
+    ``fast`` keeps only the first fold."""
+    inference_plan = dataset_dir / INFERENCE_PLAN_JSON
+    postprocessing = None
+    if configuration:
+        configs, chosen = [configuration], {configuration: folds}
+    elif inference_plan.is_file():
+        ip = json.loads(inference_plan.read_text())
+        configs, chosen, postprocessing = ip["configurations"], ip["folds"], ip["postprocessing"]
+        print(f"using {inference_plan}: {'+'.join(configs)}, postprocessing {postprocessing}")
+    else:
+        configs, chosen = ["3d_fullres"], {"3d_fullres": folds}
+    if folds:
+        chosen = {c: folds for c in configs}
+    if fast:
+        chosen = {c: (chosen.get(c) or trained_folds(dataset_dir / c))[:1] for c in configs}
+    return configs, chosen, postprocessing
+
+
+def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
+            configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
+            mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
+            overwrite: bool = False, postprocess: bool = True) -> None:
+    """Predict every image of ``input_dir`` with a model trained here (``dataset``) or a bundle (``model``);
+    ``fast`` is one fold, no mirroring and a step of at least 0.75. Bad cases are raised together at the end."""
+    bundle_dir = None
+    if model:
+        dataset_dir = open_bundle(Path(model))
+        bundle_dir = dataset_dir.parent
+    elif dataset:
+        dataset_dir = roots.results / results_dataset(roots, dataset)
+    else:
+        raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
+    try:
+        configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
+        if fast:
+            mirror, step = False, max(step, 0.75)
+        predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step)
+                      for c in configs]
+        problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
+                                  postprocessing if postprocess else None)
+    finally:
+        if bundle_dir is not None:
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+    if problems:
+        raise DatasetError(problems)
+
+
+def ensemble(inputs: Sequence[Path], output: Path, dataset_json: Path | None = None,
+             save_probabilities: bool = False) -> int:
+    """Average saved probabilities of several prediction folders; returns the number of cases written."""
+    meta = load_dataset_json(Path(dataset_json).parent) if dataset_json else {"file_ending": ".nii.gz"}
+    rco = LabelSpec.from_meta(meta).layout()[2] if dataset_json else None
+    return ensemble_folders([Path(d) for d in inputs], Path(output), meta["file_ending"], rco, save_probabilities)
+
+
+def find_best(roots: Roots, dataset: str) -> tuple[dict[str, Any], Path]:
+    """Choose configuration/ensemble and postprocessing from the validation results; returns the inference plan
+    and where it was written."""
+    name = results_dataset(roots, dataset)
+    meta = json.loads((roots.preprocessed / name / DATASET_JSON).read_text())
+    inference_plan = find_best_configuration(roots.results / name, roots.raw / name / LABELS_TR, meta)
+    path = roots.results / name / INFERENCE_PLAN_JSON
+    write_json(path, inference_plan)
+    return inference_plan, path
+
+
+def postprocess_folder(roots: Roots, dataset: str, input_dir: Path, output_dir: Path) -> int:
+    """Apply the postprocessing of the dataset's ``inference_plan.json`` to every label map of ``input_dir``."""
+    name = results_dataset(roots, dataset)
+    plan_path = roots.results / name / INFERENCE_PLAN_JSON
+    if not plan_path.is_file():
+        raise AutosegError(f"{plan_path} not found; run `autoseg find_best_configuration -d {name}` first")
+    spec = json.loads(plan_path.read_text())["postprocessing"]
+    files = sorted(p for p in Path(input_dir).iterdir() if p.name.endswith(IMAGE_ENDINGS))
+    for f in files:
+        seg, geo = read_image(f)
+        write_image(Path(output_dir) / f.name, apply_postprocessing(seg, spec), geo)
+    return len(files)
+
+
+def evaluate(roots: Roots, ref: Path, pred: Path, output: Path | None = None, dataset: str | None = None,
+             labels: Path | None = None, tolerance_mm: float = 1.0, num_workers: int = 1) -> tuple[dict[str, Any], Path]:
+    """Evaluate ``pred`` against ``ref``; writes evaluation.csv, lesions.csv and summary.json to ``output`` (default
+    ``pred``) and returns the summary and that folder."""
+    ref, pred = Path(ref), Path(pred)
+    label_map, ending = resolve_labels(roots, dataset, labels, [pred, ref.parent])
+    per_case, summary, lesions = evaluate_folders(ref, pred, label_map, ending, num_workers, tolerance_mm,
+                                                  return_lesions=True)
+    out = Path(output) if output else pred
+    write_csv(out / "evaluation.csv", per_case)
+    write_csv(out / "lesions.csv", lesions)
+    write_json(out / "summary.json", json_safe(summary))
+    return summary, out
+
+
+def report(roots: Roots, pred: Path, output: Path, images: Path | None = None, dataset: str | None = None,
+           labels: Path | None = None, num_workers: int = 1) -> list[dict[str, Any]]:
+    """Write the clinical-style report of the label maps in ``pred`` to ``output``; returns the per-case reports."""
+    label_map, ending = resolve_labels(roots, dataset, labels, [Path(pred)])
+    return report_folder(Path(pred), output, label_map, ending, images, num_workers)
