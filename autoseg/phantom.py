@@ -231,82 +231,96 @@ class _Canvas:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The case generator
+# The case generator: one painter per structure
 
 
-def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """One synthetic abdominal CT: image int16 (Z, Y, X) in HU, label uint8 (Z, Y, X), and its geometry.
+@dataclass(frozen=True)
+class _Body:
+    """The body outline every organ is placed against: centre, half-width and -depth, wall thicknesses."""
 
-    A pure function of ``(seed, size)``, so tests and benchmarks can regenerate any case instead of storing it.
-    """
-    if size not in SIZES:
-        raise AutosegError(f"phantom size {size!r} is unknown; choose one of {sorted(SIZES)}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise AutosegError(f"phantom seed must be a non-negative integer, found {seed!r}")
-    rng = np.random.default_rng(int(seed))
-    geometry = _make_geometry(rng, SIZES[size])
-    grid = _Grid(geometry)
-    cv = _Canvas(grid)
-    hu = _draw_intensities(rng)
+    grid: _Grid
+    bx: float
+    by: float
+    half_w: float
+    half_h: float
+    t_fat: float
+    t_mus: float
+    power: float
+    xx: np.ndarray  # (1, X) lateral offset from the body centre, mm
+    yy: np.ndarray  # (Y, 1) anteroposterior offset from the body centre, mm
 
-    # Body outline: a flattened superellipse (the back lies flat on the table), fat ring, muscle wall, cavity.
+    def superellipse(self, w: float, h: float) -> np.ndarray:
+        return (np.abs(self.xx) / np.float32(w)) ** self.power + (np.abs(self.yy) / np.float32(h)) ** self.power <= 1
+
+    @property
+    def cav_a(self) -> float:
+        """Cavity half-width (lateral)."""
+        return self.half_w - self.t_fat - self.t_mus
+
+    @property
+    def cav_b(self) -> float:
+        """Cavity half-depth (anteroposterior)."""
+        return self.half_h - self.t_fat - self.t_mus
+
+    @property
+    def cavity(self) -> np.ndarray:
+        return self.superellipse(self.cav_a, self.cav_b)
+
+    def inside_cavity(self, sl: tuple[slice, ...], m: np.ndarray) -> np.ndarray:
+        return m & self.cavity[sl[1], sl[2]][None]
+
+
+def _solid(cv: _Canvas, body: _Body, e: _Ellipsoid, value: float, label: int = 0) -> None:
+    """Paint an ellipsoid, clipped to the abdominal cavity."""
+    r = e.q(cv.grid)
+    if r is not None:
+        sl, q = r
+        cv.paint(sl, body.inside_cavity(sl, q <= 1), value, label)
+
+
+def _paint_body(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float]) -> _Body:
+    """Body outline: a flattened superellipse (the back lies flat on the table), fat ring, muscle wall, cavity."""
+    grid = cv.grid
     bx, by = rng.uniform(-8, 8), rng.uniform(-8, 8)
     half_w, half_h = rng.uniform(130, 155), rng.uniform(95, 118)
     t_fat, t_mus = rng.uniform(10, 28), rng.uniform(7, 13)
     power = rng.uniform(2.1, 2.6)
     yy, xx = grid.y[:, None] - np.float32(by), grid.x[None, :] - np.float32(bx)
+    body = _Body(grid, bx, by, half_w, half_h, t_fat, t_mus, power, xx, yy)
+    cv.paint2d(body.superellipse(half_w, half_h), hu["fat"])
+    cv.paint2d(body.superellipse(half_w - t_fat, half_h - t_fat), hu["muscle"])
+    cv.paint2d(body.cavity, hu["visceral_fat"])
+    return body
 
-    def superellipse(w: float, h: float) -> np.ndarray:
-        return (np.abs(xx) / np.float32(w)) ** power + (np.abs(yy) / np.float32(h)) ** power <= 1
 
-    body = superellipse(half_w, half_h)
-    inner_fat = superellipse(half_w - t_fat, half_h - t_fat)
-    cavity = superellipse(half_w - t_fat - t_mus, half_h - t_fat - t_mus)
-    cv.paint2d(body, hu["fat"])
-    cv.paint2d(inner_fat, hu["muscle"])
-    cv.paint2d(cavity, hu["visceral_fat"])
-    cav_a, cav_b = half_w - t_fat - t_mus, half_h - t_fat - t_mus  # cavity half-width (lateral) and half-depth (AP)
-
-    # Craniocaudal landmarks relative to the field of view's centre.
-    zc = float(grid.z.mean())
-    z_liver = zc + rng.uniform(20, 45)
-    org = rng.uniform(0.9, 1.1, size=8)  # per-organ size factors (+-10%)
-
-    def inside_cavity(sl: tuple[slice, ...], m: np.ndarray) -> np.ndarray:
-        return m & cavity[sl[1], sl[2]][None]
-
-    def solid(e: _Ellipsoid, value: float, label: int = 0, clip: bool = True) -> None:
-        r = e.q(grid)
-        if r is not None:
-            sl, q = r
-            m = q <= 1
-            cv.paint(sl, inside_cavity(sl, m) if clip else m, value, label)
-
-    # Ribs: oblique bands (descending anteriorly) just inside the muscle wall of the upper abdomen, so an axial
-    # slice cuts them into short arcs; absent anteriorly and beside the spine.
+def _paint_ribs(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, z_liver: float) -> None:
+    """Ribs: oblique bands (descending anteriorly) just inside the muscle wall of the upper abdomen, so an axial
+    slice cuts them into short arcs; absent anteriorly and beside the spine."""
+    b, grid = body, cv.grid
     period, width, slope = rng.uniform(28, 36), rng.uniform(7, 11), rng.uniform(0.3, 0.5)
     z_phase = rng.uniform(0, period)
-    rib_ring = superellipse(half_w - t_fat - 0.5 * t_mus, half_h - t_fat - 0.5 * t_mus) & ~superellipse(
-        half_w - t_fat - t_mus - 5, half_h - t_fat - t_mus - 5
+    rib_ring = b.superellipse(b.half_w - b.t_fat - 0.5 * b.t_mus, b.half_h - b.t_fat - 0.5 * b.t_mus) & ~b.superellipse(
+        b.half_w - b.t_fat - b.t_mus - 5, b.half_h - b.t_fat - b.t_mus - 5
     )
-    rib_ring &= (yy > -0.45 * half_h) & ~((np.abs(xx) < 45) & (yy > 0))
-    rib_z = grid.z[:, None, None] - np.float32(slope) * yy[None] - np.float32(z_phase)
+    rib_ring &= (b.yy > -0.45 * b.half_h) & ~((np.abs(b.xx) < 45) & (b.yy > 0))
+    rib_z = grid.z[:, None, None] - np.float32(slope) * b.yy[None] - np.float32(z_phase)
     ribs = (rib_z % np.float32(period) < width) & rib_ring[None] & (grid.z > z_liver - 60)[:, None, None]
     cv.img[ribs] = hu["rib"]
 
-    # Lung bases above and behind the liver dome and spleen.
-    for side in (-1, 1):
-        solid(
-            _Ellipsoid(
-                np.array([bx + side * 0.5 * cav_a, by + 0.25 * cav_b, z_liver + rng.uniform(85, 100)]),
-                np.array([0.42 * cav_a, 0.65 * cav_b, 60.0]),
-                _rot(rng.uniform(-10, 10)),
-            ),
-            hu["lung"],
-        )
 
-    # Bowel loops in the anterior abdomen and the stomach (left upper): fluid-filled wall, gas above a level.
-    y_vb = by + half_h - rng.uniform(0.68, 0.76) * half_h  # vertebral body centre (AP)
+def _paint_lungs(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, z_liver: float) -> None:
+    """Lung bases above and behind the liver dome and spleen."""
+    for side in (-1, 1):
+        _solid(cv, body, _Ellipsoid(
+            np.array([body.bx + side * 0.5 * body.cav_a, body.by + 0.25 * body.cav_b, z_liver + rng.uniform(85, 100)]),
+            np.array([0.42 * body.cav_a, 0.65 * body.cav_b, 60.0]),
+            _rot(rng.uniform(-10, 10)),
+        ), hu["lung"])
+
+
+def _paint_bowel(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, z_liver: float) -> None:
+    """Bowel loops in the anterior abdomen and the stomach (left upper): fluid-filled wall, gas above a level."""
+    grid, bx, by, cav_a, cav_b = cv.grid, body.bx, body.by, body.cav_a, body.cav_b
     loops = [
         _Ellipsoid(
             np.array([bx + 0.35 * cav_a, by - 0.35 * cav_b, z_liver + rng.uniform(0, 20)]),
@@ -336,7 +350,7 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
         if r is None:
             continue
         sl, q = r
-        wall = inside_cavity(sl, q <= 1)
+        wall = body.inside_cavity(sl, q <= 1)
         cv.paint(sl, wall, hu["bowel_wall"])
         lumen = wall & (q <= 0.72)
         cv.paint(sl, lumen, fluid)
@@ -345,37 +359,38 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
             gas = lumen & (dy < np.float32(level * e.semi.max())) if gas_kind > 0.15 else lumen
             cv.paint(sl, gas, hu["gas"])
 
-    # Psoas and paraspinal muscles beside and behind the spine.
-    r_vb = rng.uniform(16, 20)
+
+def _paint_back_muscles(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, y_vb: float,
+                        r_vb: float, zc: float) -> None:
+    """Psoas and paraspinal muscles beside and behind the spine."""
     for side in (-1, 1):
-        solid(
-            _Ellipsoid(
-                np.array([bx + side * (r_vb + 16), y_vb + 4, zc - 60]),
-                np.array([15.0, 14.0, 120.0]) * rng.uniform(0.9, 1.1),
-                _rot(0, side * 5),
-            ),
-            hu["muscle"],
-        )
-        solid(
-            _Ellipsoid(
-                np.array([bx + side * 35, y_vb + r_vb + 30, zc]),
-                np.array([28.0, 22.0, 400.0]) * rng.uniform(0.9, 1.1),
-            ),
-            hu["muscle"],
-        )
+        _solid(cv, body, _Ellipsoid(
+            np.array([body.bx + side * (r_vb + 16), y_vb + 4, zc - 60]),
+            np.array([15.0, 14.0, 120.0]) * rng.uniform(0.9, 1.1),
+            _rot(0, side * 5),
+        ), hu["muscle"])
+        _solid(cv, body, _Ellipsoid(
+            np.array([body.bx + side * 35, y_vb + r_vb + 30, zc]),
+            np.array([28.0, 22.0, 400.0]) * rng.uniform(0.9, 1.1),
+        ), hu["muscle"])
 
-    # Spleen: left posterior, long axis following the ribs.
-    solid(
-        _Ellipsoid(
-            np.array([bx + 0.65 * cav_a, by + 0.3 * cav_b, z_liver + rng.uniform(5, 25)]),
-            np.array([22.0, 50.0, 45.0]) * org[0],
-            _rot(rng.uniform(-45, -25), rng.uniform(-10, 10)),
-            _wobble(rng, 0.12, (60, 120)),
-        ),
-        hu["spleen"],
-    )
 
-    # Liver: a large right lobe and a left lobe crossing the midline anteriorly; gallbladder under the right lobe.
+def _paint_spleen(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, z_liver: float,
+                  size: float) -> None:
+    """Spleen: left posterior, long axis following the ribs."""
+    _solid(cv, body, _Ellipsoid(
+        np.array([body.bx + 0.65 * body.cav_a, body.by + 0.3 * body.cav_b, z_liver + rng.uniform(5, 25)]),
+        np.array([22.0, 50.0, 45.0]) * size,
+        _rot(rng.uniform(-45, -25), rng.uniform(-10, 10)),
+        _wobble(rng, 0.12, (60, 120)),
+    ), hu["spleen"])
+
+
+def _paint_liver(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, z_liver: float,
+                 org: np.ndarray) -> tuple[_Ellipsoid, _Ellipsoid]:
+    """Liver: a large right lobe and a left lobe crossing the midline anteriorly; gallbladder under the right lobe.
+    Returns the lobes (tumour sites)."""
+    bx, by, cav_a, cav_b = body.bx, body.by, body.cav_a, body.cav_b
     right_lobe = _Ellipsoid(
         np.array([bx - 0.5 * cav_a, by + rng.uniform(-0.1, 0.05) * cav_b, z_liver]),
         np.array([0.55 * cav_a, 0.85 * cav_b, 75.0]) * org[1],
@@ -389,34 +404,43 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
         _wobble(rng, 0.1, (50, 120)),
     )
     for lobe in (right_lobe, left_lobe):
-        solid(lobe, hu["liver"], DEFAULT_LABELS["liver"])
+        _solid(cv, body, lobe, hu["liver"], DEFAULT_LABELS["liver"])
     if rng.random() < 0.7:
         gb = _Ellipsoid(
             right_lobe.centre + np.array([0.35 * right_lobe.semi[0], -0.45 * right_lobe.semi[1], -55.0]),
             np.array([14.0, 14.0, 30.0]) * rng.uniform(0.8, 1.2, 3),
             _random_rot(rng, 25),
         )
-        solid(gb, hu["bile"])
+        _solid(cv, body, gb, hu["bile"])
+    return right_lobe, left_lobe
 
-    # Kidneys beside the spine, the right one lower; cortex (outer shell) brighter than medulla.
+
+def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, y_vb: float,
+                   r_vb: float, z_liver: float, org: np.ndarray) -> list[_Ellipsoid]:
+    """Kidneys beside the spine, the right one lower; cortex (outer shell) brighter than medulla."""
     kidneys = []
     z_kid = z_liver - rng.uniform(50, 70)
     for side, k in ((-1, 3), (1, 4)):
         e = _Ellipsoid(
-            np.array([bx + side * (r_vb + rng.uniform(40, 52)), y_vb + rng.uniform(0, 10), z_kid + 8 * side]),
+            np.array([body.bx + side * (r_vb + rng.uniform(40, 52)), y_vb + rng.uniform(0, 10), z_kid + 8 * side]),
             np.array([27.0, 24.0, 55.0]) * org[k],
             _rot(side * rng.uniform(20, 40), side * rng.uniform(8, 18)),  # hilum anteromedial, upper pole medial
             _wobble(rng, 0.06, (60, 120)),
         )
         kidneys.append(e)
-        r = e.q(grid)
+        r = e.q(cv.grid)
         if r is not None:
             sl, q = r
-            whole = inside_cavity(sl, q <= 1)
+            whole = body.inside_cavity(sl, q <= 1)
             cv.paint(sl, whole, hu["cortex"], DEFAULT_LABELS["kidney"])
             cv.paint(sl, whole & (q <= rng.uniform(0.45, 0.55)), hu["medulla"], DEFAULT_LABELS["kidney"])
+    return kidneys
 
-    # Vessels: aorta (arterial contrast) left-anterior of the spine, IVC to its right.
+
+def _paint_vessels(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, y_vb: float,
+                   r_vb: float) -> None:
+    """Vessels: aorta (arterial contrast) left-anterior of the spine, IVC to its right."""
+    xx, yy, by = body.xx, body.yy, body.by
     ax, ar = rng.uniform(8, 16), rng.uniform(10, 13)
     aorta = (xx - np.float32(ax)) ** 2 + (yy - np.float32(y_vb - by - r_vb - 13)) ** 2 <= np.float32(ar * ar)
     ivc = ((xx + np.float32(rng.uniform(20, 26))) / np.float32(14)) ** 2 + (
@@ -425,7 +449,11 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
     cv.paint2d(ivc, hu["ivc"])
     cv.paint2d(aorta, hu["aorta"])
 
-    # Lumbar spine: vertebral body with cortical shell and discs, canal, posterior arch and spinous process.
+
+def _paint_spine(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], body: _Body, y_vb: float,
+                 r_vb: float) -> None:
+    """Lumbar spine: vertebral body with cortical shell and discs, canal, posterior arch and spinous process."""
+    xx, yy, by, grid = body.xx, body.yy, body.by, cv.grid
     dvb = np.sqrt(xx**2 + (yy - np.float32(y_vb - by)) ** 2)
     disc_period = rng.uniform(30, 36)
     disc_z = (grid.z - np.float32(rng.uniform(0, disc_period))) % np.float32(disc_period) < 8
@@ -438,11 +466,17 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
     cv.paint2d(dvb <= r_vb - 2.5, hu["bone_cancellous"])
     cv.paint2d(dvb <= r_vb, hu["disc"], zmask=disc_z)
 
-    # Tumours, clipped to their organ as it stands after everything else was painted.
+
+def _paint_tumours(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], geometry: Geometry,
+                   liver: tuple[_Ellipsoid, _Ellipsoid], kidneys: list[_Ellipsoid]) -> None:
+    """Tumours, clipped to their organ as it stands after everything else was painted."""
+    right_lobe, left_lobe = liver
     d_min = max(5.0, 2.0 * float(np.prod(geometry.spacing)) ** (1 / 3))
     organ_sites = {
-        "liver": ([right_lobe, right_lobe, right_lobe, left_lobe], DEFAULT_LABELS["liver"], DEFAULT_LABELS["liver_tumor"], hu["liver"]),
-        "kidney": (kidneys, DEFAULT_LABELS["kidney"], DEFAULT_LABELS["kidney_tumor"], 0.5 * (hu["cortex"] + hu["medulla"])),
+        "liver": ([right_lobe, right_lobe, right_lobe, left_lobe], DEFAULT_LABELS["liver"],
+                  DEFAULT_LABELS["liver_tumor"], hu["liver"]),
+        "kidney": (kidneys, DEFAULT_LABELS["kidney"], DEFAULT_LABELS["kidney_tumor"],
+                   0.5 * (hu["cortex"] + hu["medulla"])),
     }
     for name, (sites, organ_label, tumour_label, parenchyma) in organ_sites.items():
         n = int(rng.choice(4, p=[0.25, 0.4, 0.2, 0.15]))
@@ -461,7 +495,7 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
             value = parenchyma + sign * rng.uniform(10, 60)
             necrotic = d >= 20 and rng.random() < 0.4
             core, core_hu = rng.uniform(0.3, 0.6) ** 2, rng.uniform(5, 25)
-            r = t.q(grid)
+            r = t.q(cv.grid)
             if r is None:
                 continue
             sl, q = r
@@ -471,13 +505,49 @@ def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarra
             if necrotic:
                 cv.paint(sl, m & (q <= core), core_hu, tumour_label)
 
-    # Acquisition: partial-volume blur, noise, a per-case calibration shift; CT stores int16 clipped at -1024.
-    img = gaussian_filter(cv.img, sigma=float(rng.uniform(0.5, 1.0)), mode="nearest")
+
+def _acquire(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Acquisition: partial-volume blur, noise, a per-case calibration shift; CT stores int16 clipped at -1024."""
+    img = gaussian_filter(image, sigma=float(rng.uniform(0.5, 1.0)), mode="nearest")
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(10, 25))
     img += np.float32(rng.uniform(-15, 15))
     np.rint(img, out=img)
     np.clip(img, -1024, 3071, out=img)
-    return img.astype(np.int16), cv.lab, geometry
+    return img.astype(np.int16)
+
+
+def generate_case(seed: int, size: str = "small") -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """One synthetic abdominal CT: image int16 (Z, Y, X) in HU, label uint8 (Z, Y, X), and its geometry.
+
+    A pure function of ``(seed, size)``, so tests and benchmarks can regenerate any case instead of storing it.
+    The painters run in a fixed order on one random stream; later structures overwrite earlier ones.
+    """
+    if size not in SIZES:
+        raise AutosegError(f"phantom size {size!r} is unknown; choose one of {sorted(SIZES)}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise AutosegError(f"phantom seed must be a non-negative integer, found {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    geometry = _make_geometry(rng, SIZES[size])
+    cv = _Canvas(_Grid(geometry))
+    hu = _draw_intensities(rng)
+    body = _paint_body(rng, cv, hu)
+    # Craniocaudal landmarks relative to the field of view's centre, and per-organ size factors (+-10%).
+    zc = float(cv.grid.z.mean())
+    z_liver = zc + rng.uniform(20, 45)
+    org = rng.uniform(0.9, 1.1, size=8)
+    _paint_ribs(rng, cv, hu, body, z_liver)
+    _paint_lungs(rng, cv, hu, body, z_liver)
+    y_vb = body.by + body.half_h - rng.uniform(0.68, 0.76) * body.half_h  # vertebral body centre (AP)
+    _paint_bowel(rng, cv, hu, body, z_liver)
+    r_vb = rng.uniform(16, 20)  # vertebral body radius
+    _paint_back_muscles(rng, cv, hu, body, y_vb, r_vb, zc)
+    _paint_spleen(rng, cv, hu, body, z_liver, org[0])
+    liver = _paint_liver(rng, cv, hu, body, z_liver, org)
+    kidneys = _paint_kidneys(rng, cv, hu, body, y_vb, r_vb, z_liver, org)
+    _paint_vessels(rng, cv, hu, body, y_vb, r_vb)
+    _paint_spine(rng, cv, hu, body, y_vb, r_vb)
+    _paint_tumours(rng, cv, hu, geometry, liver, kidneys)
+    return _acquire(rng, cv.img), cv.lab, geometry
 
 
 def _draw_intensities(rng: np.random.Generator) -> dict[str, float]:
