@@ -1,0 +1,48 @@
+"""The budget-aware schedule: AdamW with warm-up for short budgets, SGD for long ones, decay that ends at the end."""
+
+import pytest
+
+from autoseg.errors import AutosegError
+from autoseg.training.schedule import ADAMW_BELOW_ITERS, DEFAULT_LR, budget_iterations, choose_schedule
+
+
+def test_short_budget_gets_adamw_with_warmup():
+    # a 10-minute CPU budget at 0.65 s per step
+    iters = budget_iterations(600, 0.65, 1000 * 250)
+    assert iters == 923
+    s = choose_schedule(iters)
+    assert s.optimizer == "adamw" and s.initial_lr == DEFAULT_LR["adamw"]
+    assert s.warmup_iters == 46  # 5% of the run
+    assert s.lr_at(0) == pytest.approx(DEFAULT_LR["adamw"] * (0.1 + 0.9 / 46))
+    assert s.lr_at(45) == pytest.approx(DEFAULT_LR["adamw"])
+    assert s.lr_at(46) < s.lr_at(45)
+    assert s.lr_at(923) == 0.0
+    assert "923 iterations" in s.reason
+
+
+def test_long_budget_gets_sgd_without_warmup():
+    iters = budget_iterations(24 * 3600, 0.25, 1000 * 250)
+    s = choose_schedule(iters)
+    assert iters >= ADAMW_BELOW_ITERS and s.optimizer == "sgd" and s.warmup_iters == 0
+    assert s.lr_at(0) == DEFAULT_LR["sgd"]
+
+
+def test_no_budget_uses_the_epoch_cap_and_time_advances_the_decay():
+    assert budget_iterations(None, 0.5, 5000) == 5000
+    assert budget_iterations(600, float("nan"), 5000) == 5000
+    s = choose_schedule(5000)
+    assert s.lr_at(1000, time_fraction=0.99) < s.lr_at(1000, time_fraction=0.0)
+    assert s.lr_at(1000, time_fraction=1.0) == 0.0
+
+
+def test_user_choice_wins_and_bad_values_are_refused():
+    s = choose_schedule(500, optimizer="sgd", lr=0.05)
+    assert (s.optimizer, s.initial_lr, s.warmup_iters) == ("sgd", 0.05, 0)
+    assert "as asked" in s.reason
+    with pytest.raises(AutosegError, match="--optimizer 'adam'"):
+        choose_schedule(500, optimizer="adam")
+    for bad in (float("nan"), -1.0, 0.0, float("inf")):
+        with pytest.raises(AutosegError, match="not a usable learning rate"):
+            choose_schedule(500, lr=bad)
+    with pytest.raises(AutosegError, match="at least one"):
+        choose_schedule(0)
