@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg.planning.planner import estimate_memory_gb, fullres_spacing, plan, topology
+from autoseg.errors import AutosegError
+from autoseg.planning.planner import CASCADE_FOREGROUND, estimate_memory_gb, fullres_spacing, plan, topology
 from autoseg.schemas import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,7 @@ def test_lowres_only_when_fullres_patch_covers_little():
     for c in small["cases"]:
         c["shape_after_crop"] = [60, 90, 90]
         c["spacing"] = [1.0, 1.0, 1.0]
+    small["class_fractions"] = {"0": 0.5, "1": 0.4, "2": 0.1}  # no cascade, which would need 3d_lowres
     p = plan(small)
     assert "3d_lowres" not in p["configurations"]
     assert p["configurations"]["3d_fullres"]["patch_size"] == [64, 96, 96]
@@ -125,3 +127,30 @@ def test_cpu_plan_is_sized_for_compute():
     assert c["spacing"] == g["spacing"]  # same preprocessing either way
     with pytest.raises(ValueError, match="device"):
         plan(fp, device="tpu")
+
+
+def test_cascade_only_when_labelled_foreground_is_small():
+    fp = json.loads((ROOT / "fingerprints" / "demo_phantom.json").read_text())
+    assert sum(v for k, v in fp["class_fractions"].items() if k != "0") < CASCADE_FOREGROUND
+    p = plan(fp)
+    full, cascade, low = (p["configurations"][c] for c in ("3d_fullres", "3d_cascade", "3d_lowres"))
+    assert cascade["previous_stage"] == "3d_lowres" and cascade["roi_margin_mm"] > 0
+    assert cascade["data_identifier"] == "3d_fullres"  # no extra preprocessing
+    same = {k: v for k, v in cascade.items() if k not in ("previous_stage", "roi_margin_mm", "notes")}
+    assert same == {k: v for k, v in full.items() if k != "notes"}
+    # the full-resolution patch covers most of this image, so 3d_lowres exists for the cascade alone: 2x spacing
+    assert low["spacing"] == [round(2 * s, 6) for s in full["spacing"]]
+    assert "3d_cascade needs" in low["notes"][0] and "3d_cascade" in " ".join(p["notes"])
+
+    big = copy.deepcopy(fp)
+    big["class_fractions"] = {"0": 0.7, "1": 0.2, "2": 0.02, "3": 0.07, "4": 0.01}
+    p = plan(big)
+    assert "3d_cascade" not in p["configurations"] and "3d_lowres" not in p["configurations"]
+    assert any("no 3d_cascade" in n for n in p["notes"])
+
+
+def test_cascade_keys_are_validated():
+    p = plan(json.loads((ROOT / "fingerprints" / "demo_phantom.json").read_text()))
+    del p["configurations"]["3d_cascade"]["roi_margin_mm"]
+    with pytest.raises(AutosegError, match="roi_margin_mm"):
+        validate(p, "plans")

@@ -30,7 +30,19 @@ Memory estimate (``estimate_memory_gb``), for mixed-precision training with deep
 
 Low resolution
     ``3d_lowres`` exists when the full-resolution patch covers less than 25% of the median image: the spacing is
-    coarsened 3% at a time (the finest axes first) until the patch covers at least that share.
+    coarsened 3% at a time (the finest axes first) until the patch covers at least that share. The cascade (below)
+    needs it whatever the coverage: then, if the coverage rule did not create it, it takes twice the full-resolution
+    spacing (an eighth of the voxels: the whole-volume organ pass is cheap, and still fine enough for boxes with a
+    margin of several voxels).
+
+Organ-ROI cascade (``3d_cascade``)
+    When the labelled structures fill less than ``CASCADE_FOREGROUND`` (20%) of the cropped image (the summed
+    ``class_fractions`` of every non-background label), most full-resolution tiles at prediction see only
+    background. ``3d_cascade`` is then a copy of ``3d_fullres`` (same spacing, patch, network and preprocessed
+    data) with ``previous_stage: 3d_lowres`` and ``roi_margin_mm`` (``CASCADE_MARGIN_MM``, 20 mm: a few voxels at
+    low resolution, so a slightly short stage-1 organ still lies inside its box): stage 1 finds the organs on the
+    whole volume at low resolution, stage 2 trains and predicts only inside boxes around them
+    (:mod:`autoseg.inference.cascade`).
 
 Normalisation
     A channel named CT (any case) is clipped to the foreground 0.5/99.5 percentiles and z-scored with the
@@ -39,6 +51,7 @@ Normalisation
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 
@@ -67,6 +80,9 @@ FIXED_OVERHEAD_GB = 1.0
 MAX_BATCH_DATASET_FRACTION = 0.05
 LOWRES_COVERAGE = 0.25
 LOWRES_STEP = 1.03
+CASCADE_FOREGROUND = 0.2
+CASCADE_MARGIN_MM = 20.0
+CASCADE_LOWRES_FACTOR = 2.0
 
 
 def _r(x: float) -> float:
@@ -263,8 +279,14 @@ def _median_shape_at(fp: dict[str, Any], spacing: Sequence[float]) -> list[float
     return [_r(v) for v in np.percentile(shapes * spacings / np.array(spacing), 50, axis=0)]
 
 
+def foreground_share(fingerprint: dict[str, Any]) -> float:
+    """Share of the cropped image's voxels carrying any non-background label (``class_fractions``; background is
+    label 0)."""
+    return float(sum(f for k, f in fingerprint["class_fractions"].items() if int(k) != 0))
+
+
 def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0, device: str = "gpu") -> dict[str, Any]:
-    """Plans for ``2d``, ``3d_fullres`` and, when needed, ``3d_lowres`` from a fingerprint (pure, deterministic).
+    """Plans for ``2d``, ``3d_fullres`` and, when needed, ``3d_lowres`` and ``3d_cascade`` from a fingerprint (pure, deterministic).
 
     ``device`` is what training will run on: ``gpu`` fits patch and batch to ``gpu_memory_gb``; ``cpu`` sizes
     the network for compute so training is practical without an accelerator.
@@ -301,6 +323,8 @@ def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0, device: str = 
     twod["notes"].insert(0, "2d trains on axial slices of the 3d_fullres data (same spacing, preprocessed once)")
     configurations = {"2d": twod, "3d_fullres": fullres}
     coverage = np.prod(fullres["patch_size"]) / np.prod(median)
+    foreground = foreground_share(fp)
+    cascade = foreground < CASCADE_FOREGROUND
     if coverage < LOWRES_COVERAGE:
         lr_spacing = list(spacing)
         for _ in range(200):
@@ -319,6 +343,33 @@ def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0, device: str = 
             f"so a low-resolution stage at spacing {lr_spacing} mm sees more context",
         )
         configurations["3d_lowres"] = lowres
+    elif cascade:
+        lr_spacing = [_r(s * CASCADE_LOWRES_FACTOR) for s in spacing]
+        lowres = config(lr_spacing, _median_shape_at(fp, lr_spacing), 3, "3d_lowres")
+        lowres["notes"].insert(
+            0,
+            f"3d_fullres patch covers {_r(coverage * 100)}% (>= {LOWRES_COVERAGE * 100:g}%) of the median image, "
+            f"but 3d_cascade needs a whole-volume organ stage: {CASCADE_LOWRES_FACTOR:g}x the full-resolution "
+            f"spacing, {lr_spacing} mm",
+        )
+        configurations["3d_lowres"] = lowres
+    cascade_note = (
+        f"labelled foreground fills {_r(foreground * 100)}% of the cropped image "
+        f"({'<' if cascade else '>='} {CASCADE_FOREGROUND * 100:g}%): "
+        + ("3d_cascade (3d_lowres organs, then 3d_fullres inside their boxes) is proposed" if cascade
+           else "no 3d_cascade (organ boxes would cover most of the image)")
+    )
+    if cascade:
+        configurations["3d_cascade"] = {
+            **copy.deepcopy(fullres),
+            "previous_stage": "3d_lowres",
+            "roi_margin_mm": CASCADE_MARGIN_MM,
+        }
+        configurations["3d_cascade"]["notes"].insert(
+            0,
+            f"{cascade_note}; stage 2 is 3d_fullres restricted to boxes around the 3d_lowres foreground grown by "
+            f"{CASCADE_MARGIN_MM:g} mm (same data and network, no extra input channel: see autoseg.inference.cascade)",
+        )
     norm, norm_notes = normalization(fp)
     plans = {
         "schema_version": SCHEMA_VERSION,
@@ -330,7 +381,7 @@ def plan(fingerprint: dict[str, Any], gpu_memory_gb: float = 8.0, device: str = 
         "gpu_memory_gb": gpu_memory_gb,
         "normalization": norm,
         "configurations": configurations,
-        "notes": [spacing_note] + norm_notes,
+        "notes": [spacing_note, cascade_note] + norm_notes,
     }
     if "regions_class_order" in fp:
         plans["regions_class_order"] = list(fp["regions_class_order"])
