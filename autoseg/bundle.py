@@ -81,6 +81,15 @@ def _add_file(zf: zipfile.ZipFile, src: Path, arcname: str, date_time: tuple[int
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
+def _previous_stage(config_dir: Path) -> str | None:
+    """The ``previous_stage`` of a cascade configuration's plans, else None (also when unreadable: checked later)."""
+    try:
+        plans = json.loads((config_dir / PLANS_JSON).read_text())
+        return plans["configurations"][config_dir.name].get("previous_stage")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _select(results_dataset_dir: Path, configurations: list[str] | None,
             folds: list[str] | None) -> dict[str, list[str]]:
     """``{configuration: [fold ids]}`` to export, with errors that say how to fix a bad selection."""
@@ -95,8 +104,13 @@ def _select(results_dataset_dir: Path, configurations: list[str] | None,
     for name in [*configurations, *(wanted_folds or [])]:
         if not _SAFE_NAME.match(name):
             raise AutosegError(f"'{name}' is not a configuration or fold name (e.g. -c 3d_fullres -f 0 1)")
+    configurations = list(dict.fromkeys(configurations))
+    for config in list(configurations):  # a cascade predicts with its first stage too
+        previous = _previous_stage(results_dataset_dir / config)
+        if previous and previous not in configurations:
+            configurations.append(previous)
     selection: dict[str, list[str]] = {}
-    for config in dict.fromkeys(configurations):
+    for config in configurations:
         config_dir = results_dataset_dir / config
         if not config_dir.is_dir():
             have = ", ".join(finished) or "none with a finished fold"

@@ -100,6 +100,10 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
     write_json(out / PLANS_JSON, plans)
     write_json(out / DATASET_JSON, meta)
     wanted = [c for c in configurations if c in plans["configurations"]]
+    for c in list(wanted):  # a cascade needs its first stage's data too
+        previous = plans["configurations"][c].get("previous_stage")
+        if previous and previous not in wanted:
+            wanted.append(previous)
     for c in sorted(set(configurations) - set(wanted)):
         print(f"{c}: not planned for this dataset (see notes in {out / PLANS_JSON})")
     preprocess_dataset(cases, plans, wanted, out, num_workers)
@@ -136,9 +140,10 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
-            overwrite: bool = False, postprocess: bool = True) -> None:
+            overwrite: bool = False, postprocess: bool = True, precision: str = "auto") -> None:
     """Predict every image of ``input_dir`` with a model trained here (``dataset``) or a bundle (``model``);
-    ``fast`` is one fold, no mirroring and a step of at least 0.75. Bad cases are raised together at the end."""
+    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` as in
+    :meth:`Predictor.from_trained`. Bad cases are raised together at the end."""
     bundle_dir = None
     if model:
         dataset_dir = open_bundle(Path(model))
@@ -151,8 +156,8 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
         configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
         if fast:
             mirror, step = False, max(step, 0.75)
-        predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step)
-                      for c in configs]
+        predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step,
+                                             precision=precision) for c in configs]
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
                                   postprocessing if postprocess else None)
     finally:

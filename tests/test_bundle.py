@@ -107,6 +107,18 @@ def test_export_with_fingerprint_and_explicit_selection(results, tmp_path):
     assert _members(out)[f"{DATASET}/fingerprint.json"] == fp.read_bytes()
 
 
+def test_export_of_a_cascade_brings_its_first_stage(results, tmp_path):
+    for name in ("3d_cascade", "3d_lowres"):
+        cfg = results / name
+        (cfg / "fold_0").mkdir(parents=True)
+        for f in ("plans.json", "dataset.json"):
+            (cfg / f).write_text((results / "3d_fullres" / f).read_text())
+        save_file({"w": torch.ones(2)}, str(cfg / "fold_0" / "checkpoint_final.safetensors"))
+    members = _members(export_bundle(results, tmp_path / "m.zip", ["3d_cascade"], ["0"], None))
+    assert f"{DATASET}/3d_lowres/fold_0/checkpoint_final.safetensors" in members
+    assert not any(m.startswith(f"{DATASET}/3d_fullres/") for m in members)
+
+
 def test_export_unfinished_fold_is_an_error(results, tmp_path):
     with pytest.raises(AutosegError, match=r"fold 1 .*train it to the end or leave it out with -f"):
         export_bundle(results, tmp_path / "m.zip", None, ["1"], None)

@@ -1,10 +1,27 @@
 """The organ-ROI cascade: ROI boxes (margin in mm, min size, clipping, merging), mapping stage 1 to stage 2's grid,
 prediction only inside the ROI, and restoration on the exact input grid."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from autoseg.inference.cascade import map_to_grid, merge_boxes, predict_in_rois, roi_boxes, roi_fraction
+from autoseg.atomic import write_json
+from autoseg.checkpoint import save_checkpoint
+from autoseg.errors import AutosegError
+from autoseg.inference.cascade import (
+    map_to_grid, merge_boxes, predict_in_rois, roi_boxes, roi_fraction, stage2_boxes,
+)
+from autoseg.inference.predictor import Predictor
+from autoseg.io.images import Geometry
+from autoseg.labels import LabelSpec, labels_from_probabilities
+from autoseg.network import build_network
+from autoseg.planning.planner import plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def extent(box):
@@ -109,3 +126,138 @@ def test_stage2_never_predicts_outside_the_roi(background_channel):
 def test_predict_in_rois_checks_the_shape_it_gets_back():
     with pytest.raises(ValueError, match="stage-2 prediction"):
         predict_in_rois(lambda x: np.zeros((2, 1, 1, 1)), np.zeros((1, 4, 4, 4)), [(slice(0, 2),) * 3], 2, True)
+
+
+# ------------------------------------------------------------------------------------------ predictor wiring
+
+RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
+NORM = [{"channel": 0, "scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 1.0}]
+SOFTMAX_META = {"labels": {"background": 0, "organ": 1, "tumour": 2}, "channel_names": {"0": "CT"},
+                "file_ending": ".nii.gz"}
+REGION_META = {"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "regions_class_order": [1, 2],
+               "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+PATCH = [8, 8, 8]
+MARGIN_MM = 3.0
+
+
+class Organs(nn.Module):
+    """Stage-1 stand-in: the organ channel wherever the (normalised) input is positive, never tumour."""
+
+    deep_supervision = False
+
+    def __init__(self, num_outputs):
+        super().__init__()
+        self.num_outputs = num_outputs
+
+    def forward(self, x):
+        if self.num_outputs == 2:  # regions: organ region where positive, tumour region nowhere
+            return torch.cat([10 * x, torch.full_like(x, -100.0)], 1)
+        return torch.cat([-10 * x, 10 * x, torch.full_like(x, -100.0)], 1)
+
+
+class TumourEverywhere(Organs):
+    """Stage-2 stand-in that calls every voxel it sees tumour."""
+
+    def forward(self, x):
+        big = torch.full_like(x, 100.0)
+        return torch.cat([big, big], 1) if self.num_outputs == 2 else torch.cat([-big, -big, big], 1)
+
+
+def cascade_predictor(meta, mirror=False, n_models=1):
+    n_out = 2 if "regions_class_order" in meta else 3
+    plans = {"normalization": NORM, "configurations": {
+        "3d_lowres": {"dims": 3, "patch_size": PATCH, "spacing": [5.0, 1.8, 1.8], "resampling": RULES},
+        "3d_cascade": {"dims": 3, "patch_size": PATCH, "spacing": [2.5, 0.9, 0.9], "resampling": RULES,
+                       "previous_stage": "3d_lowres", "roi_margin_mm": MARGIN_MM, "data_identifier": "3d_fullres"},
+    }}
+    cpu = torch.device("cpu")
+    stage1 = Predictor(plans, meta, "3d_lowres", [Organs(n_out) for _ in range(n_models)], cpu, mirror)
+    return Predictor(plans, meta, "3d_cascade", [TumourEverywhere(n_out) for _ in range(n_models)], cpu, mirror,
+                     stage1=stage1)
+
+
+def organ_image(shape=(20, 40, 44)):
+    """A sphere of organ in a volume whose first 4 x-columns are zero (cropped away by preprocessing)."""
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt(((z - 6) * 2.5) ** 2 + ((y - 12) * 0.9) ** 2 + ((x - 14) * 0.9) ** 2)
+    image = np.where(r < 7, 100.0, -100.0).astype(np.float32)
+    image[:, :, :4] = 0.0
+    geo = Geometry((0.9, 0.9, 2.5), (-120.5, 33.25, 7.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), shape)
+    return image, (r < 7), geo
+
+
+@pytest.mark.parametrize("meta", [SOFTMAX_META, REGION_META], ids=["softmax", "regions"])
+@pytest.mark.parametrize("mirror,n_models", [(False, 1), (True, 2)])
+def test_cascade_predicts_only_inside_the_roi_on_the_exact_input_grid(meta, mirror, n_models):
+    image, organ, geo = organ_image()
+    pred = cascade_predictor(meta, mirror, n_models)
+    probs = pred.predict_array(image[None], geo)
+    assert probs.shape[1:] == image.shape  # the input grid, uncropped
+    seg = labels_from_probabilities(probs, pred.regions_class_order)
+    # the boxes the predictor used: stage 1 on its grid, mapped to stage 2's preprocessed (= cropped input) grid
+    pre, props = pred.preprocess(image[None], geo)
+    assert props["crop_box"][2] == [4, 44] and pre.shape[1:] == (20, 40, 40)  # no resampling at stage 2
+    boxes = stage2_boxes(pred.stage1.labels_preprocessed(pred.stage1.preprocess(image[None], geo)[0]),
+                         pre.shape[1:], pred.config)
+    assert boxes and roi_fraction(boxes, pre.shape[1:]) < 0.5
+    inside = np.zeros(image.shape, bool)
+    for b in boxes:
+        inside[b[0], b[1], slice(b[2].start + 4, b[2].stop + 4)] = True  # undo the crop
+    assert np.array_equal(seg == 2, inside)  # tumour everywhere stage 2 looked, nowhere else
+    assert (seg[~inside] == 0).all()
+    assert inside[organ].all()  # the ROI holds the whole organ
+
+
+def test_cascade_with_empty_stage1_is_all_background(capsys):
+    image, _, geo = organ_image()
+    probs = cascade_predictor(SOFTMAX_META).predict_array(np.full_like(image, -100.0)[None], geo)
+    assert (probs.argmax(0) == 0).all()
+    assert "stage 1 found no foreground; the case is all background" in capsys.readouterr().out
+
+
+def test_cascade_predictor_needs_its_stage1():
+    pred = cascade_predictor(SOFTMAX_META)
+    with pytest.raises(AutosegError, match="previous_stage needs a stage-1 predictor"):
+        Predictor(pred.plans, pred.meta, "3d_cascade", pred.models, pred.device)
+
+
+def _trained(results, configuration, plans, meta, folds=("0",)):
+    folder = results / "Dataset501_X" / configuration
+    write_json(folder / "plans.json", plans)
+    write_json(folder / "dataset.json", meta)
+    n_out = LabelSpec.from_meta(meta).layout()[0]
+    for f in folds:
+        save_checkpoint(folder / f"fold_{f}", "final", build_network(plans["configurations"][configuration], 1, n_out))
+    return folder
+
+
+@pytest.fixture()
+def small_plans():
+    fp = json.loads((ROOT / "fingerprints" / "demo_phantom.json").read_text())
+    p = plan(fp, device="cpu")
+    for c in ("3d_lowres", "3d_cascade"):  # small networks and patches keep the test fast
+        p["configurations"][c]["patch_size"] = [16, 16, 16]
+    return p
+
+
+def test_missing_stage1_names_folder_and_command(tmp_path, small_plans):
+    folder = _trained(tmp_path, "3d_cascade", small_plans, SOFTMAX_META, folds=("0", "1"))
+    _trained(tmp_path, "3d_lowres", small_plans, SOFTMAX_META, folds=("1",))
+    with pytest.raises(AutosegError) as e:
+        Predictor.from_trained(folder, device="cpu", precision="fp32")
+    msg = str(e.value)
+    assert str(tmp_path / "Dataset501_X" / "3d_lowres") in msg
+    assert "autoseg train -d Dataset501_X -c 3d_lowres -f 0" in msg and "-f 1" not in msg
+
+
+def test_trained_cascade_loads_stage1_with_the_same_folds(tmp_path, small_plans, capsys):
+    folder = _trained(tmp_path, "3d_cascade", small_plans, SOFTMAX_META, folds=("0", "1"))
+    _trained(tmp_path, "3d_lowres", small_plans, SOFTMAX_META, folds=("0", "1", "2"))
+    pred = Predictor.from_trained(folder, folds=["1"], device="cpu", precision="fp32", mirror=False)
+    assert pred.stage1.configuration == "3d_lowres" and len(pred.stage1.models) == 1
+    assert pred.precision.mode == pred.stage1.precision.mode == "fp32"
+    out = capsys.readouterr().out
+    assert "3d_lowres: precision fp32" in out and "3d_cascade: precision fp32" in out
+    image, _, geo = organ_image()
+    probs = pred.predict_array(image[None], geo)
+    assert probs.shape == (3,) + image.shape and np.isfinite(probs).all()

@@ -1,5 +1,7 @@
 """Inference: geometry round trips, fold averaging, postprocessing selection, folder prediction and ensembling."""
 
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,14 +9,20 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from autoseg.atomic import write_json
+from autoseg.checkpoint import save_checkpoint
 from autoseg.cli import main
 from autoseg.io.images import Geometry, read_image, write_image
 from autoseg.inference.ensemble import ensemble_folders
 from autoseg.inference.postprocess import apply_postprocessing, determine_postprocessing, largest_component
-from autoseg.inference.predictor import Predictor, predict_folder
+from autoseg.inference.predictor import Predictor, predict_folder, sliding_window
+from autoseg.network import build_network
+from autoseg.planning.planner import plan
+from autoseg.precision import Precision
 
 RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Threshold(nn.Module):
@@ -124,3 +132,59 @@ def test_predict_cli_errors_are_clear(roots, capsys):
     (roots["AUTOSEG_RAW"] / "Dataset501_X").mkdir(parents=True)
     assert main(["predict", "-i", "nowhere", "-o", "out", "-d", "501"]) == 1
     assert "not a trained configuration" in capsys.readouterr().err
+
+
+def _random_model(results, plans, meta):
+    folder = results / "Dataset501_X" / "3d_fullres"
+    write_json(folder / "plans.json", plans)
+    write_json(folder / "dataset.json", meta)
+    save_checkpoint(folder / "fold_0", "final", build_network(plans["configurations"]["3d_fullres"], 1, 2))
+    return folder
+
+
+@pytest.fixture()
+def small_plans():
+    fp = json.loads((ROOT / "fingerprints" / "demo_phantom.json").read_text())
+    p = plan(fp, device="cpu")
+    p["configurations"]["3d_fullres"]["patch_size"] = [16, 16, 16]
+    return p
+
+
+def test_predict_precision_flag_fp32_and_auto(roots, small_plans, capsys):
+    meta = {"labels": {"background": 0, "lesion": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    _random_model(roots["AUTOSEG_RESULTS"], small_plans, meta)
+    (roots["AUTOSEG_RAW"] / "Dataset501_X").mkdir(parents=True)
+    image, _, geo = sphere_image()
+    src = roots["AUTOSEG_RAW"] / "in"
+    write_image(src / "a_0000.nii.gz", image, geo)
+    seg = {}
+    for mode in ("fp32", "auto"):
+        out = roots["AUTOSEG_RAW"] / f"out_{mode}"
+        assert main(["predict", "-i", str(src), "-o", str(out), "-d", "501", "--device", "cpu", "--no-tta",
+                     "--precision", mode]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "3d_fullres: precision" in x)
+        if mode == "fp32":
+            assert line.startswith("3d_fullres: precision fp32") and "as asked" in line
+        else:
+            chosen = line.split("precision ")[1].split(" on cpu")[0]
+            assert chosen in ("fp32", "fp32 channels-last", "bf16", "bf16 channels-last")
+            assert "'fp32': " in line  # float32 was measured
+        seg[mode] = read_image(out / "a.nii.gz")[0]
+    assert seg["fp32"].shape == seg["auto"].shape == image.shape
+    assert (seg["fp32"] != seg["auto"]).mean() < 0.01  # the same random network, any sound mode
+    with pytest.raises(SystemExit):
+        main(["predict", "-i", str(src), "-o", "x", "-d", "501", "--precision", "int8"])
+
+
+def test_sliding_window_in_bf16_channels_last_matches_fp32(small_plans):
+    net = build_network(small_plans["configurations"]["3d_fullres"], 1, 2).eval()
+    net.deep_supervision = False
+    data = torch.randn(1, 20, 24, 20, generator=torch.Generator().manual_seed(0))
+    ref = sliding_window(net, data, [16, 16, 16], 2)
+    net.to(memory_format=torch.channels_last_3d)
+    low = sliding_window(net, data, [16, 16, 16], 2, precision=Precision("bf16", True))
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    # a random-weight network has small, unconfident logits: bf16 moves them by a few percent
+    assert torch.linalg.vector_norm(low - ref) / torch.linalg.vector_norm(ref) < 0.1
+    assert (low.argmax(0) == ref.argmax(0)).float().mean() > 0.9
+    assert not torch.equal(low, ref)  # bf16 really ran

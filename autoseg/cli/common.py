@@ -8,7 +8,7 @@ import os
 
 from ..layout import Roots
 
-CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres"]
+CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade"]
 
 
 def env_roots() -> Roots:

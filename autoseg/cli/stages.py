@@ -14,6 +14,7 @@ from ..errors import AutosegError
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
 from ..planning.planner import plan
+from ..precision import PRECISIONS
 from ..schemas import validate
 from ..training.trainer import TrainOptions
 from .common import CONFIGURATIONS, add_device_flags, env_roots
@@ -61,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
-                     args.overwrite, not args.no_postprocessing)
+                     args.overwrite, not args.no_postprocessing, args.precision)
     print(f"predictions in {args.output}")
     return 0
 
@@ -102,7 +103,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument(
         "-c", "--configurations", nargs="+", default=CONFIGURATIONS,
         choices=CONFIGURATIONS,
-        help="configurations to preprocess (default: all planned; 2d reuses the 3d_fullres data)",
+        help="configurations to preprocess (default: all planned; 2d and 3d_cascade reuse the 3d_fullres data, "
+        "3d_cascade also needs its 3d_lowres stage)",
     )
     p.add_argument("-np", "--num-workers", type=int, default=DEFAULT_WORKERS,
                    help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
@@ -175,6 +177,10 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing of inference_plan.json")
     p.add_argument("--overwrite", action="store_true", help="predict cases again even if their output exists")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="numeric mode of the network: auto (default) times a forward pass in float32 and, where the "
+                   "hardware runs it natively, bfloat16 (fp16 on CUDA without bf16), with and without channels-last, "
+                   "and uses the fastest numerically sound one; fp32/bf16/fp16 force it")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",

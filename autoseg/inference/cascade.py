@@ -118,3 +118,11 @@ def predict_in_rois(predict: Callable[[np.ndarray], np.ndarray], data: np.ndarra
             raise ValueError(f"stage-2 prediction of shape {probs.shape} for a box of shape {expected}")
         out[region] = probs
     return out
+
+
+def stage2_boxes(stage1_labels: np.ndarray, shape: Sequence[int], config: dict) -> list[Box]:
+    """Stage 2's ROI boxes on its preprocessed grid (``shape``) from stage 1's label map on stage 1's grid: any
+    label > 0 is foreground, grown by the configuration's ``roi_margin_mm`` at its spacing, each box at least
+    one stage-2 patch."""
+    foreground = map_to_grid(np.asarray(stage1_labels) > 0, shape)
+    return roi_boxes(foreground, config["spacing"], float(config["roi_margin_mm"]), config["patch_size"])

@@ -4,6 +4,13 @@ Tiles of the network's patch size are placed with a step of ``step`` patch sizes
 by a Gaussian importance map (sigma = 1/8 of the patch; tile centres are trusted more than borders) and
 accumulated in float32, then divided by the summed weights. Optional mirroring test-time augmentation averages
 the logits over every combination of flipped axes. A 2D network runs over the axial slices of a 3D volume.
+
+Precision and memory format are measured, not assumed (:mod:`autoseg.precision`): each :class:`Predictor` times a
+forward pass of a tile batch of its network in float32 and, where the hardware runs it natively, bfloat16 (fp16
+on CUDA without bf16), each with and without channels-last, and runs the sliding window in the fastest sound mode.
+
+A configuration with ``previous_stage`` (``3d_cascade``) first predicts that stage on the whole volume, then runs
+its own sliding window only inside boxes around the stage-1 foreground (:mod:`autoseg.inference.cascade`).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from ..io.images import Geometry, write_image, write_probabilities
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
 from ..network import build_network
+from ..precision import Precision, probe
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities
 from ..schemas import validate
+from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
 from .postprocess import apply_postprocessing
 
 
@@ -74,14 +83,17 @@ def sliding_window(
     mirror_axes: Sequence[int] = (),
     tile_batch: int = 2,
     device: torch.device | str = "cpu",
-    autocast: bool = False,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """Logits (num_outputs, *spatial) float32 on the CPU for ``data`` (C, *spatial) with a network in eval mode.
 
     ``patch`` has 2 entries for a 2D network (run slice by slice over axis 0 of 3D data) or 3 for a 3D one.
     Images smaller than the patch are padded with zeros (the normalised background) and cropped back.
+    ``precision`` (default float32) sets the autocast dtype and whether tiles go in channels-last; the network's
+    weights should already be in that memory format (:func:`probe_precision` leaves them so).
     """
     device = torch.device(device)
+    precision = precision or Precision()
     spatial = tuple(data.shape[1:])
     two_d = len(patch) == 2 and len(spatial) == 3
     full_patch = (1, *patch) if two_d else tuple(patch)
@@ -99,13 +111,14 @@ def sliding_window(
     norm = torch.zeros(padded, dtype=torch.float32, device=device)
     starts = [tile_starts(s, p, step) for s, p in zip(padded, full_patch)]
     tiles = [tuple(slice(a, a + p) for a, p in zip(st, full_patch)) for st in itertools.product(*starts)]
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     for i in range(0, len(tiles), tile_batch):
         group = tiles[i : i + tile_batch]
         x = torch.stack([data[(slice(None),) + t] for t in group]).to(device, non_blocking=True)
         if two_d:
             x = x[:, :, 0]
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        if precision.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with precision.autocast(device):
             out = _forward(net, x, mirror_axes)
         if two_d:
             out = out[:, :, None]
@@ -118,6 +131,66 @@ def sliding_window(
     return logits.cpu()
 
 
+def probe_precision(models: Sequence[nn.Module], patch: Sequence[int], in_channels: int, device: torch.device,
+                    requested: str = "auto", tile_batch: int = 2) -> Precision:
+    """Time one forward pass of a tile batch (random data of the patch shape) per candidate mode on ``device`` and
+    return the fastest sound one (:func:`autoseg.precision.probe`); every model is left in its memory format."""
+    device = torch.device(device)
+    net = models[0]
+    net.eval()
+    net.deep_supervision = False
+    x = torch.randn((tile_batch, in_channels, *patch), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def fmt(channels_last: bool) -> torch.memory_format:
+        return torch.channels_last_3d if channels_last and x.ndim == 5 else torch.contiguous_format
+
+    def run(mode: str, channels_last: bool) -> torch.Tensor:
+        net.to(memory_format=fmt(channels_last))
+        with torch.inference_mode(), Precision(mode, channels_last).autocast(device):
+            return net(x.contiguous(memory_format=fmt(channels_last))).float()
+
+    chosen = probe(run, device, len(patch), requested)
+    for m in models:
+        m.to(memory_format=fmt(chosen.channels_last))
+    return chosen
+
+
+def predict_preprocessed(
+    models: Sequence[nn.Module],
+    data: np.ndarray,
+    config: dict,
+    regions: bool,
+    device: torch.device,
+    mirror: bool = True,
+    step: float = 0.5,
+    precision: Precision | None = None,
+    rois: Sequence[Box] | None = None,
+) -> np.ndarray:
+    """Probabilities (C, *spatial) float32 for one preprocessed case (C, *spatial), on the preprocessed grid.
+
+    Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
+    models. With ``rois`` the networks see only those boxes and everything outside them is background.
+    """
+    patch = config["patch_size"]
+
+    def window(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.array(image, dtype=np.float32))
+        total = None
+        for net in models:
+            net.eval()
+            net.deep_supervision = False
+            logits = sliding_window(net, x, patch, net.num_outputs, step=step,
+                                    mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
+                                    precision=precision)
+            p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
+            total = p if total is None else total.add_(p)
+        return (total / len(models)).numpy()
+
+    if rois is None:
+        return window(data)
+    return predict_in_rois(window, data, rois, models[0].num_outputs, background_channel=not regions)
+
+
 def predict_probabilities(
     models: Sequence[nn.Module],
     data: np.ndarray,
@@ -127,47 +200,66 @@ def predict_probabilities(
     device: torch.device,
     mirror: bool = True,
     step: float = 0.5,
+    precision: Precision | None = None,
+    rois: Sequence[Box] | None = None,
 ) -> tuple[np.ndarray, "Geometry"]:
-    """Probabilities (C, *original shape) float32 on the original grid for one preprocessed case.
-
-    Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
-    models in the preprocessed space, then resampled back and uncropped exactly (``restore_probabilities``).
-    """
-    patch = config["patch_size"]
-    x = torch.from_numpy(np.array(data, dtype=np.float32))
-    total = None
-    for net in models:
-        net.eval()
-        net.deep_supervision = False
-        logits = sliding_window(net, x, patch, net.num_outputs, step=step,
-                                mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
-                                autocast=torch.device(device).type == "cuda")
-        p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
-        total = p if total is None else total.add_(p)
-    probs = (total / len(models)).numpy()
+    """Probabilities (C, *original shape) float32 on the original grid for one preprocessed case:
+    :func:`predict_preprocessed`, then resampled back and uncropped exactly (``restore_probabilities``)."""
+    probs = predict_preprocessed(models, data, config, regions, device, mirror, step, precision, rois)
     return restore_probabilities(probs, props, background_channel=not regions)
 
 
+def cascade_log(configuration: str, boxes: Sequence[Box], shape: Sequence[int]) -> str:
+    """One line saying where stage 2 looked (or that stage 1 found nothing, so the case is all background)."""
+    if not boxes:
+        return f"{configuration}: stage 1 found no foreground; the case is all background"
+    return (f"{configuration}: stage 2 in {len(boxes)} ROI box(es), {roi_fraction(boxes, shape) * 100:.1f}% of "
+            f"the {'x'.join(map(str, shape))} volume")
+
+
+def previous_stage_dir(config_dir: Path, config: dict, folds: Sequence[str], checkpoint: str = "final") -> Path:
+    """The trained stage-1 folder of a cascade configuration (sibling ``<previous_stage>``), checked to hold
+    ``folds``; the error names the folder and the command that trains what is missing."""
+    previous = config["previous_stage"]
+    stage1 = config_dir.parent / previous
+    missing = [f for f in folds if f not in trained_folds(stage1, checkpoint)]
+    if missing:
+        dataset = config_dir.parent.name
+        commands = "; ".join(f"autoseg train -d {dataset} -c {previous} -f {f}" for f in missing)
+        raise AutosegError(f"{stage1}: {config_dir.name} needs its stage 1 ({previous}) trained for fold(s) "
+                           f"{', '.join(missing)} (no checkpoint_{checkpoint} there); train it first: {commands}")
+    return stage1
+
+
 class Predictor:
-    """A trained configuration ready to predict: plans, one network per fold, and the inference settings.
+    """A trained configuration ready to predict: plans, one network per fold, the inference settings, the measured
+    precision and, for a cascade, the stage-1 :class:`Predictor`.
 
     >>> p = Predictor.from_trained(results / "Dataset501_X" / "3d_fullres", folds=[0])  # doctest: +SKIP
     >>> labels, probs = p.predict_array(image_czyx, geometry)  # doctest: +SKIP
     """
 
     def __init__(self, plans: dict, meta: dict, configuration: str, models: list[nn.Module],
-                 device: torch.device, mirror: bool = True, step: float = 0.5):
+                 device: torch.device, mirror: bool = True, step: float = 0.5, precision: Precision | None = None,
+                 stage1: "Predictor | None" = None):
         self.plans, self.meta, self.configuration = plans, meta, configuration
         self.config = plans["configurations"][configuration]
         self.models, self.device, self.mirror, self.step = models, device, mirror, step
+        self.precision = precision or Precision()
+        if ("previous_stage" in self.config) != (stage1 is not None):
+            raise AutosegError(f"{configuration}: a configuration with previous_stage needs a stage-1 predictor "
+                               "and only such a configuration takes one")
+        self.stage1 = stage1
         _, regions, self.regions_class_order = LabelSpec.from_meta(meta).layout()
         self.regions = regions is not None
 
     @classmethod
     def from_trained(cls, config_dir: str | Path, folds: Sequence[int | str] | None = None,
                      checkpoint: str = "final", device: str = "auto", mirror: bool = True,
-                     step: float = 0.5) -> "Predictor":
-        """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
+                     step: float = 0.5, precision: str = "auto") -> "Predictor":
+        """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``) and
+        measure the precision (``auto``, ``fp32``, ``bf16``, ``fp16``: see :mod:`autoseg.precision`). A cascade
+        also loads its stage 1 (same folds) from the sibling ``<previous_stage>`` folder."""
         config_dir = Path(config_dir)
         try:
             plans = json.loads((config_dir / PLANS_JSON).read_text())
@@ -178,30 +270,59 @@ class Predictor:
         configuration = config_dir.name
         if configuration not in plans["configurations"]:
             raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")
+        config = plans["configurations"][configuration]
         available = trained_folds(config_dir, checkpoint)
         chosen = [str(f) for f in folds] if folds else available
         missing = [f for f in chosen if f not in available]
         if missing or not chosen:
             raise AutosegError(f"{config_dir}: no checkpoint_{checkpoint} for fold(s) {missing or 'any'} "
                                f"(trained: {available or 'none'}); train them or pick others with -f")
+        stage1 = None
+        if "previous_stage" in config:
+            stage1 = cls.from_trained(previous_stage_dir(config_dir, config, chosen, checkpoint), chosen,
+                                      checkpoint, device, mirror, step, precision)
         dev = pick_device(device)
         n_out, _, _ = LabelSpec.from_meta(meta).layout()
         models = []
         for f in chosen:
-            net = build_network(plans["configurations"][configuration], len(meta["channel_names"]), n_out)
+            net = build_network(config, len(meta["channel_names"]), n_out)
             load_weights(checkpoint_file(fold_dir(config_dir, f), checkpoint), net)
             models.append(net.to(dev).eval())
-        return cls(plans, meta, configuration, models, dev, mirror, step)
+        chosen_precision = probe_precision(models, config["patch_size"], len(meta["channel_names"]), dev, precision)
+        print(f"{configuration}: precision {chosen_precision.mode}"
+              f"{' channels-last' if chosen_precision.channels_last else ''} on {dev} ({chosen_precision.reason}; "
+              f"measured s/step {chosen_precision.seconds or 'none'})")
+        return cls(plans, meta, configuration, models, dev, mirror, step, chosen_precision, stage1)
 
-    def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
-        """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
-        path as training, then the sliding window over every fold and the exact inverse."""
+    def preprocess(self, data: np.ndarray, geometry: "Geometry") -> tuple[np.ndarray, dict]:
+        """The training preprocessing of a raw (C, Z, Y, X) image for this configuration: image and properties."""
         try:
             pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
         except ValueError as e:
             raise AutosegError(str(e)) from None
-        probs, _ = predict_probabilities(self.models, pre, props, self.config, self.regions, self.device,
-                                         self.mirror, self.step)
+        return pre, props
+
+    def probabilities_preprocessed(self, pre: np.ndarray, rois: Sequence[Box] | None = None) -> np.ndarray:
+        """Probabilities on the preprocessed grid of ``pre`` (this configuration's preprocessing of a case)."""
+        return predict_preprocessed(self.models, pre, self.config, self.regions, self.device, self.mirror,
+                                    self.step, self.precision, rois)
+
+    def labels_preprocessed(self, pre: np.ndarray) -> np.ndarray:
+        """Label map on the preprocessed grid of ``pre``: what a later cascade stage takes its ROI from."""
+        return labels_from_probabilities(self.probabilities_preprocessed(pre), self.regions_class_order)
+
+    def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
+        """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
+        path as training, then the sliding window over every fold (inside the stage-1 ROI for a cascade) and the
+        exact inverse."""
+        pre, props = self.preprocess(data, geometry)
+        rois = None
+        if self.stage1 is not None:
+            low = self.stage1.labels_preprocessed(self.stage1.preprocess(data, geometry)[0])
+            rois = stage2_boxes(low, pre.shape[1:], self.config)
+            tqdm.write(cascade_log(self.configuration, rois, pre.shape[1:]))
+        probs, _ = restore_probabilities(self.probabilities_preprocessed(pre, rois), props,
+                                         background_channel=not self.regions)
         return probs
 
 
