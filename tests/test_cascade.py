@@ -16,10 +16,13 @@ from autoseg.inference.cascade import (
     map_to_grid, merge_boxes, predict_in_rois, roi_boxes, roi_fraction, stage2_boxes,
 )
 from autoseg.inference.predictor import Predictor
-from autoseg.io.images import Geometry
+from autoseg.cli import main
+from autoseg.io.images import Geometry, read_image
 from autoseg.labels import LabelSpec, labels_from_probabilities
 from autoseg.network import build_network
 from autoseg.planning.planner import plan
+from autoseg.precision import Precision
+from autoseg.training.validation import validate_fold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,8 +224,8 @@ def test_cascade_predictor_needs_its_stage1():
         Predictor(pred.plans, pred.meta, "3d_cascade", pred.models, pred.device)
 
 
-def _trained(results, configuration, plans, meta, folds=("0",)):
-    folder = results / "Dataset501_X" / configuration
+def _trained(results, configuration, plans, meta, folds=("0",), dataset="Dataset501_X"):
+    folder = results / dataset / configuration
     write_json(folder / "plans.json", plans)
     write_json(folder / "dataset.json", meta)
     n_out = LabelSpec.from_meta(meta).layout()[0]
@@ -261,3 +264,29 @@ def test_trained_cascade_loads_stage1_with_the_same_folds(tmp_path, small_plans,
     image, _, geo = organ_image()
     probs = pred.predict_array(image[None], geo)
     assert probs.shape == (3,) + image.shape and np.isfinite(probs).all()
+
+
+def test_cascade_validation_uses_stage1_of_the_same_fold(small_dataset, roots, capsys):
+    assert main(["plan_and_preprocess", "-d", "501", "-np", "1", "-c", "3d_cascade", "--device", "cpu"]) == 0
+    name = small_dataset.name
+    pp = roots["AUTOSEG_PREPROCESSED"] / name
+    assert (pp / "3d_lowres").is_dir() and (pp / "3d_fullres").is_dir()  # the cascade's first stage came along
+    plans = json.loads((pp / "plans.json").read_text())
+    for c in ("3d_lowres", "3d_cascade"):
+        plans["configurations"][c]["patch_size"] = [16, 16, 16]
+    meta = json.loads((pp / "dataset.json").read_text())
+    config = plans["configurations"]["3d_cascade"]
+    results = roots["AUTOSEG_RESULTS"] / name
+    out = results / "3d_cascade" / "fold_3"
+    model = build_network(config, 1, 5)
+    case = sorted(p.name.removesuffix(".json") for p in (pp / "3d_fullres").glob("*.json"))[0]
+    args = (model, pp / "3d_fullres", out, [case], config, meta, small_dataset / "labelsTr", None,
+            torch.device("cpu"))
+    with pytest.raises(AutosegError, match=rf"autoseg train -d {name} -c 3d_lowres -f 3"):
+        validate_fold(*args, precision=Precision())
+    _trained(roots["AUTOSEG_RESULTS"], "3d_lowres", plans, meta, folds=("3",), dataset=name)
+    summary = validate_fold(*args, precision=Precision())
+    assert list(summary["dice_per_case"]) == [case]
+    assert f"{case}: 3d_cascade: " in capsys.readouterr().out
+    seg, geo = read_image(out / "validation" / f"{case}.nii.gz")
+    assert seg.shape == read_image(small_dataset / "labelsTr" / f"{case}.nii.gz")[0].shape
