@@ -5,7 +5,8 @@ Networks have random weights (speed does not depend on them). Rows:
   nnU-Net v2's 105 s per case (`nnUNetv2_predict --disable_tta`, 256x256x29-300 volumes, 2 CPU cores,
   shared/reference/peer_figures.md);
 - the same with `--fast` (one fold, no mirroring, step 0.75);
-- the CPU plan's network (what autoseg trains on a CPU), default mirroring and `--fast`.
+- the CPU plan's network (what autoseg trains on a CPU): default (mirroring, `--precision auto`), the same in
+  float32 (`--precision fp32`, the default before precision was measured) and `--fast`.
 Peak RSS is the whole process tree's.
 """
 
@@ -56,7 +57,9 @@ def main() -> None:
         exe = str(Path(sys.executable).with_name("autoseg"))
         rows = []
         for target, runs in (("gpu", [("--no-tta", ["--no-tta"]), ("--fast", ["--fast"])]),
-                             ("cpu", [("default (mirroring)", []), ("--fast", ["--fast"])])):
+                             ("cpu", [("default (mirroring, precision auto)", []),
+                                      ("mirroring, --precision fp32", ["--precision", "fp32"]),
+                                      ("--fast", ["--fast"])])):
             plans = plan(fingerprint, device=target)
             results = work / f"results_{target}"
             fake_model(results, plans, meta)

@@ -134,7 +134,7 @@ def test_predict_in_rois_checks_the_shape_it_gets_back():
 # ------------------------------------------------------------------------------------------ predictor wiring
 
 RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
-NORM = [{"channel": 0, "scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 1.0}]
+NORM = [{"channel": 0, "scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 10.0, "std": 2.0}]
 SOFTMAX_META = {"labels": {"background": 0, "organ": 1, "tumour": 2}, "channel_names": {"0": "CT"},
                 "file_ending": ".nii.gz"}
 REGION_META = {"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "regions_class_order": [1, 2],
@@ -290,3 +290,13 @@ def test_cascade_validation_uses_stage1_of_the_same_fold(small_dataset, roots, c
     assert f"{case}: 3d_cascade: " in capsys.readouterr().out
     seg, geo = read_image(out / "validation" / f"{case}.nii.gz")
     assert seg.shape == read_image(small_dataset / "labelsTr" / f"{case}.nii.gz")[0].shape
+
+
+def test_cascade_leaves_an_uncropped_input_unchanged():
+    image, _, geo = organ_image()
+    image[:, :, :4] = -100.0  # nothing to crop: preprocessing would otherwise see the very same array
+    data = image[None].copy()
+    pred = cascade_predictor(SOFTMAX_META)
+    first = pred.predict_array(data, geo)
+    assert np.array_equal(data, image[None])
+    assert np.array_equal(pred.predict_array(data, geo), first)

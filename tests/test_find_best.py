@@ -84,6 +84,15 @@ def test_chooses_best_candidate_and_postprocessing(layout):
     assert any("kept" in n for n in plan["notes"])
 
 
+def test_cascade_competes_like_any_configuration(layout):
+    tmp_path, refs, full, flat = layout
+    write_cv(tmp_path / "results", "3d_cascade", refs)  # stage 2 inside the organ ROI: exact here
+    write_cv(tmp_path / "results", "3d_lowres", flat)  # its stage 1 has validation results too
+    plan = find_best_configuration(tmp_path / "results" / NAME, tmp_path / "raw" / NAME / "labelsTr", META)
+    assert {"3d_cascade", "3d_lowres", "3d_cascade+3d_fullres"} <= set(plan["mean_foreground_dice"])
+    assert plan["configurations"] == ["3d_cascade"] and plan["folds"] == {"3d_cascade": ["0", "1"]}
+
+
 def test_cli_writes_inference_plan_and_prints_table(layout, capsys):
     tmp_path, *_ = layout
     assert main(["find_best_configuration", "-d", NAME]) == 0
