@@ -22,6 +22,7 @@ from .inference.predictor import Predictor, predict_folder
 from .inference.selection import find_best_configuration
 from .io.dataset import images_in_folder, load_dataset_json, resolve_labels
 from .io.images import read_image, write_image
+from .io.inputs import IMAGE_ENDINGS
 from .io.verify import check_dataset
 from .labels import LabelSpec
 from .layout import (
@@ -33,8 +34,6 @@ from .planning.planner import plan
 from .preprocessing.preprocess import preprocess_dataset
 from .schemas import validate
 from .training.trainer import TrainOptions, train_fold
-
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def planning_device(choice: str) -> str:
@@ -133,12 +132,25 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
     return configs, chosen, postprocessing
 
 
+def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: list[str] | None = None,
+                    device: str = "auto", mirror: bool = True, step: float = 0.5,
+                    fast: bool = False) -> tuple[list[Predictor], dict[str, Any] | None]:
+    """The predictors of a trained dataset folder (see :func:`inference_models`) and the postprocessing to apply;
+    ``fast`` is one fold, no mirroring and a step of at least 0.75."""
+    configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
+    if fast:
+        mirror, step = False, max(step, 0.75)
+    predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step)
+                  for c in configs]
+    return predictors, postprocessing
+
+
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True) -> None:
-    """Predict every image of ``input_dir`` with a model trained here (``dataset``) or a bundle (``model``);
-    ``fast`` is one fold, no mirroring and a step of at least 0.75. Bad cases are raised together at the end."""
+    """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
+    trained here (``dataset``) or a bundle (``model``). Bad cases are raised together at the end."""
     bundle_dir = None
     if model:
         dataset_dir = open_bundle(Path(model))
@@ -148,11 +160,7 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
     else:
         raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
     try:
-        configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
-        if fast:
-            mirror, step = False, max(step, 0.75)
-        predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step)
-                      for c in configs]
+        predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step, fast)
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
                                   postprocessing if postprocess else None)
     finally:

@@ -13,7 +13,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..atomic import remove_stale_temporaries
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
-from ..io.dataset import images_in_folder, read_case
+from ..io.inputs import find_inputs, read_input
 from ..io.images import Geometry, write_image, write_probabilities
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
@@ -31,6 +31,7 @@ from ..network import build_network
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities
 from ..schemas import validate
 from .postprocess import apply_postprocessing
+from .progress import TileProgress
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -75,11 +76,13 @@ def sliding_window(
     tile_batch: int = 2,
     device: torch.device | str = "cpu",
     autocast: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Logits (num_outputs, *spatial) float32 on the CPU for ``data`` (C, *spatial) with a network in eval mode.
 
     ``patch`` has 2 entries for a 2D network (run slice by slice over axis 0 of 3D data) or 3 for a 3D one.
     Images smaller than the patch are padded with zeros (the normalised background) and cropped back.
+    ``progress(done, total)`` is called after each batch of tiles (a CPU case can take minutes).
     """
     device = torch.device(device)
     spatial = tuple(data.shape[1:])
@@ -112,6 +115,8 @@ def sliding_window(
         for t, o in zip(group, out):
             logits[(slice(None),) + t] += o * weight
             norm[t] += weight
+        if progress is not None:
+            progress(min(i + tile_batch, len(tiles)), len(tiles))
     logits /= norm
     if any(pad):
         logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))]
@@ -127,6 +132,7 @@ def predict_probabilities(
     device: torch.device,
     mirror: bool = True,
     step: float = 0.5,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, "Geometry"]:
     """Probabilities (C, *original shape) float32 on the original grid for one preprocessed case.
 
@@ -141,7 +147,7 @@ def predict_probabilities(
         net.deep_supervision = False
         logits = sliding_window(net, x, patch, net.num_outputs, step=step,
                                 mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
-                                autocast=torch.device(device).type == "cuda")
+                                autocast=torch.device(device).type == "cuda", progress=progress)
         p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
         total = p if total is None else total.add_(p)
     probs = (total / len(models)).numpy()
@@ -152,7 +158,9 @@ class Predictor:
     """A trained configuration ready to predict: plans, one network per fold, and the inference settings.
 
     >>> p = Predictor.from_trained(results / "Dataset501_X" / "3d_fullres", folds=[0])  # doctest: +SKIP
-    >>> labels, probs = p.predict_array(image_czyx, geometry)  # doctest: +SKIP
+    >>> probs = p.predict_array(image_czyx, geometry)  # (C, Z, Y, X) probabilities, no postprocessing  # doctest: +SKIP
+
+    For label maps with the inference plan's postprocessing use :func:`autoseg.segment`.
     """
 
     def __init__(self, plans: dict, meta: dict, configuration: str, models: list[nn.Module],
@@ -193,15 +201,17 @@ class Predictor:
             models.append(net.to(dev).eval())
         return cls(plans, meta, configuration, models, dev, mirror, step)
 
-    def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
+    def predict_array(self, data: np.ndarray, geometry: "Geometry",
+                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
-        path as training, then the sliding window over every fold and the exact inverse."""
+        path as training, then the sliding window over every fold and the exact inverse. ``progress(done, total)``
+        is called per batch of tiles of each fold's sliding window."""
         try:
             pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
         except ValueError as e:
             raise AutosegError(str(e)) from None
         probs, _ = predict_probabilities(self.models, pre, props, self.config, self.regions, self.device,
-                                         self.mirror, self.step)
+                                         self.mirror, self.step, progress)
         return probs
 
 
@@ -213,19 +223,15 @@ def predict_folder(
     overwrite: bool = False,
     postprocessing: dict | None = None,
 ) -> list[str]:
-    """Predict every case of ``in_dir`` into ``out_dir``; probabilities of several predictors are averaged.
+    """Predict every case of ``in_dir`` (a folder, an image file, a DICOM series folder or zip: see
+    :func:`~autoseg.io.inputs.find_inputs`) into ``out_dir``; probabilities of several predictors are averaged.
 
     Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
     others. Each output is written atomically.
     """
     meta = predictors[0].meta
     ending = meta["file_ending"]
-    if not in_dir.is_dir():
-        raise AutosegError(f"{in_dir}: {'is a file, not a folder' if in_dir.exists() else 'folder not found'}; "
-                           f"-i takes the folder holding the images to predict (CASE_XXXX{ending})")
-    cases, problems = images_in_folder(in_dir, ending, len(meta["channel_names"]))
-    if not cases and not problems:
-        raise AutosegError(f"{in_dir}: no images named CASE_XXXX{ending}; nothing to predict")
+    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
     for case in tqdm(cases, desc="predict", unit="case"):
@@ -234,10 +240,11 @@ def predict_folder(
             continue
         t0 = time.perf_counter()
         try:
-            data, _, geometry = read_case(case)
-            probs = predictors[0].predict_array(data, geometry)
-            for p in predictors[1:]:
-                probs += p.predict_array(data, geometry)
+            data, geometry = read_input(case)
+            with TileProgress(case.case_id, sum(len(p.models) for p in predictors)) as bar:
+                probs = predictors[0].predict_array(data, geometry, bar.update)
+                for p in predictors[1:]:
+                    probs += p.predict_array(data, geometry, bar.update)
             probs /= len(predictors)
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
