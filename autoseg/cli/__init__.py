@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import AutosegError
-from . import bundle, demo, evaluation, phantom, stages
+from . import bundle, convert, demo, evaluation, phantom, stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_cli(sub)
     phantom.add_cli(sub)
     bundle.add_cli(sub)
+    convert.add_cli(sub)
     return parser
 
 
