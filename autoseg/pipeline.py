@@ -204,13 +204,14 @@ def postprocess_folder(roots: Roots, dataset: str, input_dir: Path, output_dir: 
 
 
 def evaluate(roots: Roots, ref: Path, pred: Path, output: Path | None = None, dataset: str | None = None,
-             labels: Path | None = None, tolerance_mm: float = 1.0, num_workers: int = 1) -> tuple[dict[str, Any], Path]:
+             labels: Path | None = None, tolerance_mm: float = 1.0, num_workers: int = 1,
+             kits: bool = False) -> tuple[dict[str, Any], Path]:
     """Evaluate ``pred`` against ``ref``; writes evaluation.csv, lesions.csv and summary.json to ``output`` (default
-    ``pred``) and returns the summary and that folder."""
+    ``pred``) and returns the summary and that folder. ``kits`` adds the KiTS challenges' official metrics."""
     ref, pred = Path(ref), Path(pred)
     label_map, ending = resolve_labels(roots, dataset, labels, [pred, ref.parent])
     per_case, summary, lesions = evaluate_folders(ref, pred, label_map, ending, num_workers, tolerance_mm,
-                                                  return_lesions=True)
+                                                  return_lesions=True, kits=kits)
     out = Path(output) if output else pred
     write_csv(out / "evaluation.csv", per_case)
     write_csv(out / "lesions.csv", lesions)
