@@ -5,6 +5,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for name in ("bench_preprocess.py", "bench_train.py", "bench_predict.py"):
+for name in ("bench_preprocess.py", "bench_train.py", "bench_predict.py", "bench_field.py"):
     print(f"\n== {name}")
     runpy.run_path(str(HERE / name), run_name="__main__")

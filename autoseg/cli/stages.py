@@ -128,7 +128,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=CONFIGURATIONS,
                    help="planned configuration to train (default 3d_fullres)")
     p.add_argument("-f", "--fold", required=True, choices=["0", "1", "2", "3", "4", "all"],
-                   help="cross-validation fold 0-4 (splits.json, fixed seed, user-editable) or 'all' cases")
+                   help="cross-validation fold 0-4 (splits.json: nnU-Net v2's folds, user-editable) or 'all' cases")
     p.add_argument("--epochs", type=int, default=1000, help="epochs (default 1000)")
     p.add_argument("--iters-per-epoch", type=int, default=250, help="training iterations per epoch (default 250)")
     p.add_argument("--val-iters", type=int, default=50, help="validation patches batches per epoch (default 50)")
@@ -156,11 +156,14 @@ def add_cli(sub: Any) -> None:
 
     p = sub.add_parser(
         "predict", help="segment a folder of images with a trained model",
-        description="Predict every CASE_XXXX image in a folder. Default model: the inference_plan.json written by "
+        description="Predict every image of a folder, a single image file, or a DICOM series folder or zip. "
+        "Default model: the inference_plan.json written by "
         "find_best_configuration, else 3d_fullres with every trained fold. Finished cases are skipped unless "
         "--overwrite; bad cases are reported by name and the exit code is non-zero.",
     )
-    p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
+    p.add_argument("-i", "--input", required=True,
+                   help="a folder of images (CASE_0000.nii.gz, ...; any name for one-channel models), one image "
+                   "file, or a DICOM series folder or zip (one output per SeriesInstanceUID)")
     p.add_argument("-o", "--output", required=True, help="folder for the label maps (created)")
     p.add_argument("-d", "--dataset", help="dataset id or name whose trained models to use")
     p.add_argument("-m", "--model", help="a model bundle (.zip from `autoseg export`) instead of -d")
