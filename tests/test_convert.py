@@ -99,7 +99,8 @@ def test_lits_nii_files_are_compressed_unchanged(tmp_path, roots):
     root = tmp_path / "LiTS"
     src = {"lits_000": (root / "Training Batch 1" / "volume-0.nii", root / "Training Batch 1" / "segmentation-0.nii"),
            "lits_027": (root / "Training Batch 1" / "volume-27.nii", root / "Training Batch 1" / "segmentation-27.nii"),
-           "lits_130": (root / "Training Batch 2" / "volume-130.nii", root / "Training Batch 2" / "segmentation-130.nii"),
+           "lits_130": (root / "Training Batch 2" / "volume-130.nii",
+                        root / "Training Batch 2" / "segmentation-130.nii"),
            "lits_test_005": (root / "Test" / "test-volume-5.nii", None)}
     _pairs(src)
     out = _convert("lits", root, 29, roots)

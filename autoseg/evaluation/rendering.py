@@ -151,7 +151,8 @@ def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: M
             for name, st in hu.items():
                 out.append(f"<tr><td>{e(name)}</td><td>{number_text(rep['volumes_ml'][name], '.1f')}</td>"
                            f"<td>{number_text(st['hu_mean'], '.1f')}</td><td>{number_text(st['hu_median'], '.1f')}"
-                           f"</td><td>{number_text(st['hu_p5'], '.0f')} to {number_text(st['hu_p95'], '.0f')}</td></tr>")
+                           f"</td><td>{number_text(st['hu_p5'], '.0f')} to "
+                           f"{number_text(st['hu_p95'], '.0f')}</td></tr>")
             out.append("</table>")
         if rep["lesions"]:
             out.append("<table><tr><th>lesion</th><th>volume mL</th><th>max axial diameter mm</th>"

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from ..errors import AutosegError
 from .images import Geometry, to_sitk
 
-GAP_RTOL = 0.1  # a slice gap may differ from the median gap by 10 % (scanners round positions; a missing slice is 100 %)
+GAP_RTOL = 0.1  # a gap may differ from the median by 10 % (scanners round positions; a missing slice is 100 %)
 ORIENTATION_ATOL = 1e-4
 ZIP_MAX_BYTES = 16 * 2**30  # uncompressed; a CT series is well below a few GB
 ZIP_MAX_MEMBERS = 100_000
