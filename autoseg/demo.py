@@ -23,7 +23,7 @@ from .training.trainer import TrainOptions
 
 NAME = "Dataset501_AbdomenPhantom"
 # What the demo must reach on the phantom (issue: evaluation and demo); checked and printed, never hidden.
-TARGETS = {"liver": 0.90, "kidney": 0.90, "liver_tumor": 0.60, "kidney_tumor": 0.60}
+TARGETS = {"liver": 0.93, "kidney": 0.93, "liver_tumor": 0.60, "kidney_tumor": 0.60}
 LESION_RECALL_TARGET = 0.80
 
 
