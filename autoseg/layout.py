@@ -18,6 +18,7 @@ from typing import Mapping
 from .errors import AutosegError
 
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+_SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,20 @@ def dataset_name(spec: str, raw_root: Path) -> str:
             )
         raise AutosegError(f"dataset id {spec} is ambiguous under {raw_root}: {', '.join(matches)}; pass the full name")
     raise AutosegError(f"'{spec}' is not a dataset id (e.g. 501) or name (e.g. Dataset501_Abdomen)")
+
+
+def inside(folder: Path, name: str, source: str) -> Path:
+    """``folder/name`` for a ``name`` taken from a JSON file, a bundle or a flag (``source`` says which), refused
+    unless every component is a plain name (no ``..``, no absolute path, no drive) and the path, symlinks
+    resolved, stays inside ``folder``: a file must not make autoseg read plans or weights from elsewhere."""
+    parts = str(name).split("/")
+    if not name or not all(_SAFE_PART.match(p) and len(p) <= 100 for p in parts):
+        raise AutosegError(f"{source}: {name!r} is not a plain name inside {folder} (letters, digits, '_', '-', '.'; "
+                           "no absolute path or '..'); use the folder's own name, e.g. 3d_fullres or 0")
+    path = Path(folder).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise AutosegError(f"{source}: {name!r} leads outside {folder} (through a symbolic link); refusing it")
+    return path
 
 
 # Raw dataset

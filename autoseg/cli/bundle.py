@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ..bundle import DEFAULT_MAX_BYTES, FINAL, MANIFEST, fold_sort_key, import_bundle, write_bundle
 from ..errors import AutosegError
+from ..jsonfile import read_json
 from ..layout import FINGERPRINT_JSON, dataset_name
 from .common import env_roots
 
@@ -42,7 +42,7 @@ def run_import(args: argparse.Namespace) -> int:
         raise AutosegError(f"--max-gb must be positive, found {args.max_gb}")
     roots = env_roots()
     folder = import_bundle(args.bundle, roots.results, max_bytes=int(args.max_gb * 2**30), overwrite=args.overwrite)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json(folder / MANIFEST, "import the bundle again with --overwrite")
     folds: dict[str, list[str]] = {}
     for rel in manifest["files"]:
         parts = rel.split("/")

@@ -4,17 +4,15 @@ apply_postprocessing. Each parses its flags and calls the matching :mod:`autoseg
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from .. import pipeline
 from ..atomic import write_json
-from ..errors import AutosegError
+from ..jsonfile import read_json
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
 from ..planning.planner import plan
-from ..schemas import validate
 from ..training.trainer import TrainOptions
 from .common import CONFIGURATIONS, add_device_flags, env_roots
 
@@ -34,11 +32,8 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    try:
-        fingerprint = json.loads(Path(args.fingerprint).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{args.fingerprint}: cannot read fingerprint JSON ({e})") from None
-    validate(fingerprint, "fingerprint", args.fingerprint)
+    fingerprint = read_json(args.fingerprint, "-f takes a fingerprint.json written by `autoseg plan_and_preprocess`",
+                            "fingerprint")
     write_json(args.output, plan(fingerprint, args.gpu_memory_gb, pipeline.planning_device(args.device)))
     print(f"wrote {args.output}")
     return 0

@@ -9,7 +9,6 @@ the logits over every combination of flipped axes. A 2D network runs over the ax
 from __future__ import annotations
 
 import itertools
-import json
 import resource
 import time
 from pathlib import Path
@@ -23,13 +22,13 @@ from tqdm import tqdm
 from ..atomic import remove_stale_temporaries
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
-from ..io.dataset import images_in_folder, read_case
+from ..io.dataset import images_in_folder, load_dataset_json, read_case
 from ..io.images import Geometry, write_image, write_probabilities
+from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
-from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
+from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
 from ..network import build_network
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities
-from ..schemas import validate
 from .postprocess import apply_postprocessing
 
 
@@ -169,12 +168,10 @@ class Predictor:
                      step: float = 0.5) -> "Predictor":
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
         config_dir = Path(config_dir)
-        try:
-            plans = json.loads((config_dir / PLANS_JSON).read_text())
-            meta = json.loads((config_dir / DATASET_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AutosegError(f"{config_dir}: not a trained configuration ({e}); train it first") from None
-        validate(plans, "plans", str(config_dir / PLANS_JSON))
+        if not config_dir.is_dir():
+            raise AutosegError(f"{config_dir}: not a trained configuration (no such folder); train it first")
+        plans = read_json(config_dir / PLANS_JSON, "train the configuration again (it writes plans.json)", "plans")
+        meta = load_dataset_json(config_dir)
         configuration = config_dir.name
         if configuration not in plans["configurations"]:
             raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")

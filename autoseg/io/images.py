@@ -160,7 +160,12 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, compres
     """
     if Path(path).suffix.lower() in (".mhd", ".hdr", ".img", ".nhdr"):
         raise AutosegError(f"{path}: two-file image formats cannot be written atomically; use .nii.gz, .nrrd or .mha")
-    with atomic_path(path) as tmp:
+    def check(tmp: Path) -> None:  # read it back: a full disk can leave a short file and no error
+        back, geo, _ = read_image_scanned(tmp)
+        if geo.shape != tuple(geometry.shape) or not np.array_equal(back, array):
+            raise ValueError(f"reads back as {back.dtype} {geo.shape}, not the {array.dtype} {array.shape} written")
+
+    with atomic_path(path, check) as tmp:
         sitk.WriteImage(to_sitk(array, geometry), str(tmp), compress)
 
 
