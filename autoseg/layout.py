@@ -1,7 +1,7 @@
 """Where datasets, preprocessed data and results live, and every file name inside them.
 
 Raw (nnU-Net v2)::  <raw>/<dataset>/dataset.json, imagesTr/CASE_XXXX<ending>, labelsTr/CASE<ending>, imagesTs/, labelsTs/
-Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, plans.json, dataset.json,
+Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, plans.json, dataset.json,
                     <data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
                     fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, log.jsonl,
@@ -80,6 +80,7 @@ IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs",
 
 # Preprocessed dataset
 FINGERPRINT_JSON = "fingerprint.json"
+SOURCES_JSON = "sources.json"  # size and mtime of every raw file the fingerprint was computed from
 PLANS_JSON = "plans.json"
 
 # Results

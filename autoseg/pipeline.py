@@ -19,14 +19,14 @@ from .inference.ensemble import ensemble_folders
 from .inference.postprocess import apply_postprocessing
 from .inference.predictor import Predictor, predict_folder
 from .inference.selection import find_best_configuration
-from .io.dataset import images_in_folder, load_dataset_json, resolve_labels
+from .io.dataset import Case, case_signature, images_in_folder, load_dataset_json, resolve_labels
 from .io.images import read_image, write_image
 from .io.verify import check_dataset
 from .jsonfile import read_json
 from .labels import LabelSpec
 from .layout import (
-    DATASET_JSON, FINGERPRINT_JSON, IMAGES_TR, INFERENCE_PLAN_JSON, LABELS_TR, PLANS_JSON, Roots, dataset_name,
-    inside, trained_folds,
+    DATASET_JSON, FINGERPRINT_JSON, IMAGES_TR, INFERENCE_PLAN_JSON, LABELS_TR, PLANS_JSON, SOURCES_JSON, Roots,
+    dataset_name, inside, trained_folds,
 )
 from .planning.fingerprint import compute_fingerprint
 from .planning.planner import plan
@@ -53,13 +53,24 @@ def results_dataset(roots: Roots, spec: str) -> str:
     return dataset_name(spec, roots.raw if roots.raw.is_dir() else roots.results)
 
 
-def _reusable_fingerprint(fp_path: Path, case_ids: list[str]) -> dict[str, Any] | None:
-    """The fingerprint in ``fp_path`` when it was computed from exactly these cases, else None (recompute)."""
-    fingerprint = read_json(fp_path, "delete it to recompute the fingerprint") if fp_path.is_file() else None
-    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
-    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None for c in recorded] != case_ids:
+def _reusable_fingerprint(fp_path: Path, cases: list[Case]) -> dict[str, Any] | None:
+    """The fingerprint in ``fp_path`` when it was computed from exactly these cases and files (same size and mtime,
+    recorded in ``sources.json``), else None (recompute): an edited label must not be planned from stale facts."""
+    if not fp_path.is_file():
         return None
-    validate(fingerprint, "fingerprint", str(fp_path))
+    fingerprint = read_json(fp_path, "delete it to recompute the fingerprint")
+    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
+    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None
+                                          for c in recorded] != [c.case_id for c in cases]:
+        return None
+    sources = fp_path.with_name(SOURCES_JSON)
+    signatures = read_json(sources, "delete it to recompute the fingerprint") if sources.is_file() else None
+    changed = [c.case_id for c in cases if not isinstance(signatures, dict) or signatures.get(c.case_id) != case_signature(c)]
+    if changed:
+        print(f"raw files changed since {fp_path} was computed (case(s) {', '.join(changed[:5])}"
+              f"{' ...' if len(changed) > 5 else ''}); recomputing it")
+        return None
+    validate(fingerprint, "fingerprint", str(fp_path), "delete it to recompute the fingerprint")
     return fingerprint
 
 
@@ -87,10 +98,12 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
     if problems:
         raise DatasetError(problems + ["run with --verify for a full check of every file"])
     fp_path = out / FINGERPRINT_JSON
-    fingerprint = _reusable_fingerprint(fp_path, [c.case_id for c in cases])
-    if fingerprint is None:  # absent, from other cases, or not a fingerprint: recompute
+    fingerprint = _reusable_fingerprint(fp_path, cases)
+    if fingerprint is None:  # absent, from other cases or files, or not a fingerprint: recompute
+        signatures = {c.case_id: case_signature(c) for c in cases}  # before reading: an edit during the run shows
         fingerprint = compute_fingerprint(name, meta, cases, num_workers)
         write_json(fp_path, fingerprint)
+        write_json(fp_path.with_name(SOURCES_JSON), signatures)  # last: without it the fingerprint is recomputed
     else:
         print(f"reusing {fp_path} (same {len(cases)} cases); delete it to recompute")
     plans = plan(fingerprint, gpu_memory_gb, planning_device(device))

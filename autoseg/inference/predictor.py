@@ -23,12 +23,14 @@ from ..atomic import remove_stale_temporaries
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
 from ..io.dataset import images_in_folder, load_dataset_json, read_case
-from ..io.images import Geometry, write_image, write_probabilities
+from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
 from ..network import build_network
-from ..preprocessing.preprocess import preprocess_case, restore_probabilities
+from ..memory import require_memory
+from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
+from ..preprocessing.resample import case_memory_bytes
 from .postprocess import apply_postprocessing
 
 
@@ -46,6 +48,8 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> t
 
 def tile_starts(size: int, patch: int, step: float) -> list[int]:
     """Start offsets along one axis: evenly spread, first at 0, last flush with the end, overlap >= 1 - step."""
+    if not 0 < step <= 1:  # 0 never advances, > 1 leaves voxels between tiles uncovered (NaN probabilities)
+        raise AutosegError(f"sliding-window step {step} must be > 0 and <= 1 (a fraction of the patch); use 0.5")
     if size <= patch:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step))) + 1
@@ -202,6 +206,21 @@ class Predictor:
         return probs
 
 
+def _finished(output: Path, inputs: Sequence[Path]) -> bool:
+    """An output a rerun may keep: present, readable to the end, and newer than every input (an input edited or
+    replaced since is predicted again)."""
+    try:
+        if output.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs):
+            return False
+        if output.suffix == ".npz":
+            read_probabilities(output)
+        else:
+            read_image(output)
+    except (OSError, AutosegError):
+        return False
+    return True
+
+
 def predict_folder(
     predictors: Sequence[Predictor],
     in_dir: Path,
@@ -212,8 +231,9 @@ def predict_folder(
 ) -> list[str]:
     """Predict every case of ``in_dir`` into ``out_dir``; probabilities of several predictors are averaged.
 
-    Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
-    others. Each output is written atomically.
+    Finished cases (complete outputs newer than their inputs) are skipped unless ``overwrite``; bad cases,
+    including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
+    Each output is written atomically and read back before it counts.
     """
     meta = predictors[0].meta
     ending = meta["file_ending"]
@@ -225,26 +245,35 @@ def predict_folder(
         raise AutosegError(f"{in_dir}: no images named CASE_XXXX{ending}; nothing to predict")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    outputs = predictors[0].models[0].num_outputs
     for case in tqdm(cases, desc="predict", unit="case"):
         target = out_dir / f"{case.case_id}{ending}"
-        if target.exists() and not overwrite:
+        npz = out_dir / f"{case.case_id}.npz"
+        if not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images)):
             continue
         t0 = time.perf_counter()
         try:
             data, _, geometry = read_case(case)
+            for p in predictors:  # every configuration's grid, before the first large allocation
+                new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
+                require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
+                               f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
+                               f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
+                               f"model's spacing)", "check the spacing in the image header or use a machine with "
+                               "more memory")
             probs = predictors[0].predict_array(data, geometry)
             for p in predictors[1:]:
                 probs += p.predict_array(data, geometry)
             probs /= len(predictors)
+            seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+            if postprocessing:
+                seg = apply_postprocessing(seg, postprocessing)
+            if save_probabilities:
+                write_probabilities(npz, probs, geometry)
+            write_image(target, seg, geometry)  # last: its presence marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
             continue
-        seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
-        if postprocessing:
-            seg = apply_postprocessing(seg, postprocessing)
-        if save_probabilities:
-            write_probabilities(out_dir / f"{case.case_id}.npz", probs, geometry)
-        write_image(target, seg, geometry)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
     return problems

@@ -122,6 +122,17 @@ def list_cases(folder: str | Path, meta: dict[str, Any], split: str = "Tr") -> l
     return cases
 
 
+def case_signature(case: Case) -> dict[str, list[int]]:
+    """``{file name: [size, mtime in ns]}`` of a case's image and label files: what a rerun compares to tell an
+    edited or replaced input from the one its stored work was made from (reading every byte would cost minutes)."""
+    files = list(case.images) + ([case.label] if case.label is not None else [])
+    out = {}
+    for p in files:
+        st = p.stat()
+        out[p.name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Read all channels as float32 (C, Z, Y, X), the label as uint8 (Z, Y, X) or None, and the first channel's
     geometry. Geometry agreement between channels and label is :func:`verify_dataset`'s job; shapes are checked here."""
