@@ -63,10 +63,10 @@ def step_fraction(text: str) -> float:
     return _number(float, text, lambda v: 0 < v <= 1, "a fraction of the patch > 0 and <= 1", "0.5")
 
 
-def dataset_folder_name(text: str) -> str:
-    """argparse type: a dataset folder name, DatasetXXX_Name (it becomes a folder, so no '/' or '..')."""
-    if not re.match(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset folder name; give e.g. Dataset501_Abdomen")
+def folder_name(text: str) -> str:
+    """argparse type: one plain folder name (it becomes a folder: no '/', no '..', no leading '.' or '-')."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain folder name; give e.g. Dataset501_Abdomen")
     return text
 
 

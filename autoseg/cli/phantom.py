@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..phantom import DEFAULT_NAME, SIZES, write_dataset
-from .common import bounded_int, dataset_folder_name
+from .common import bounded_int, folder_name
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="dataset seed; the same seed writes the same files (default 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="small: ~60x60x32 voxels, for tests; demo: ~128x128x64, for the demo (default small)")
-    p.add_argument("--name", type=dataset_folder_name, default=DEFAULT_NAME, metavar="NAME",
+    p.add_argument("--name", type=folder_name, default=DEFAULT_NAME, metavar="NAME",
                    help=f"dataset folder name (default {DEFAULT_NAME})")
     p.set_defaults(func=run_cli)
     return p
