@@ -4,7 +4,7 @@ Raw (nnU-Net v2)::  <raw>/<dataset>/dataset.json, imagesTr/CASE_XXXX<ending>, la
 Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, plans.json, dataset.json,
                     <data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
-                    fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, log.jsonl,
+                    fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, training_setup.json, log.jsonl,
                     progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
 """
 
@@ -88,6 +88,7 @@ SPLITS_JSON = "splits.json"
 INFERENCE_PLAN_JSON = "inference_plan.json"
 STATE_SUFFIX = ".state.pt"
 LOG_JSONL = "log.jsonl"
+TRAINING_SETUP_JSON = "training_setup.json"  # measured precision, chosen schedule and the iteration estimate
 PROGRESS_PNG = "progress.png"
 VALIDATION = "validation"
 SUMMARY_JSON = "summary.json"

@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
         time_budget_min=args.time_budget, device=args.device, encoder=args.encoder, seed=args.seed,
-        optimizer=args.optimizer, lr=args.lr,
+        optimizer=args.optimizer, lr=args.lr, precision=args.precision,
         continue_training=args.continue_training, validate=args.validate, num_workers=args.num_workers,
         save_probabilities=args.save_probabilities,
     )
@@ -137,12 +137,17 @@ def add_cli(sub: Any) -> None:
                    help="where to train (default: cuda if available)")
     p.add_argument("--encoder", choices=["plain", "residual"], default=None,
                    help="override the plan's encoder (residual: ResEnc-style residual blocks)")
-    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1, "0"), default=0, help="seed for weights and data sampling (default 0)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd: Nesterov, momentum 0.99, the nnU-Net choice for full-length runs (default); adamw: "
-                   "reaches usable Dice in far fewer iterations, for budgets of minutes (the CPU demo)")
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1, "0"), default=0,
+                   help="seed for weights and data sampling (default 0)")
+    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default="auto",
+                   help="auto (default): AdamW with warm-up when the budget holds fewer than 20,000 iterations "
+                   "(estimated from the measured step time), else SGD Nesterov as nnU-Net; sgd or adamw force one")
     p.add_argument("--lr", type=learning_rate, default=None,
                    help="initial learning rate, decayed by the poly schedule (default: 0.01 for sgd, 0.003 for adamw)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): time a few real steps in float32 and, where the hardware has it, bfloat16 "
+                   "(fp16 on GPUs without bf16), with and without channels-last, and train in the fastest sound one; "
+                   "the others force a mode (fp16 only on CUDA)")
     p.add_argument("--num-workers", type=bounded_int(0, 64, "2"), default=None,
                    help="background data-loading processes (default: cores - 2, at most 8; 0 = in-process)")
     p.add_argument("--no-validation", dest="validate", action="store_false",
