@@ -7,7 +7,6 @@ results roots). At the end it prints the Dice table, checks the demo's quality t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from functools import partial
@@ -16,6 +15,7 @@ from typing import Any, Callable
 
 from . import pipeline
 from .errors import AutosegError
+from .jsonfile import read_json
 from .layout import IMAGES_TS, LABELS_TS, SUMMARY_JSON, Roots, checkpoint_file, fold_dir, state_file
 from .parallel import DEFAULT_WORKERS
 from .phantom import write_dataset
@@ -92,7 +92,7 @@ def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget:
         except AutosegError as e:
             raise AutosegError(f"demo step '{name}' failed: {e}; fix it and rerun `autoseg demo`") from None
         timings.append((name, time.perf_counter() - t))
-    summary = json.loads((evaluation / SUMMARY_JSON).read_text())
+    summary = read_json(evaluation / SUMMARY_JSON, "rerun `autoseg demo` (it evaluates again)")
     lines, ok = quality_table(summary)
     print("\n== demo quality on the held-out test cases")
     print("\n".join(lines))

@@ -9,7 +9,6 @@ the logits over every combination of flipped axes. A 2D network runs over the ax
 from __future__ import annotations
 
 import itertools
-import json
 import resource
 import time
 from pathlib import Path
@@ -23,13 +22,16 @@ from tqdm import tqdm
 from ..atomic import remove_stale_temporaries
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
+from ..io.dataset import load_dataset_json
+from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
 from ..io.inputs import find_inputs, read_input
-from ..io.images import Geometry, write_image, write_probabilities
+from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
-from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
+from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
 from ..network import build_network
-from ..preprocessing.preprocess import preprocess_case, restore_probabilities
-from ..schemas import validate
+from ..memory import require_memory
+from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
+from ..preprocessing.resample import case_memory_bytes
 from .postprocess import apply_postprocessing
 from .progress import TileProgress
 
@@ -48,6 +50,8 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> t
 
 def tile_starts(size: int, patch: int, step: float) -> list[int]:
     """Start offsets along one axis: evenly spread, first at 0, last flush with the end, overlap >= 1 - step."""
+    if not 0 < step <= 1:  # 0 never advances, > 1 leaves voxels between tiles uncovered (NaN probabilities)
+        raise AutosegError(f"sliding-window step {step} must be > 0 and <= 1 (a fraction of the patch); use 0.5")
     if size <= patch:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step))) + 1
@@ -177,12 +181,10 @@ class Predictor:
                      step: float = 0.5) -> "Predictor":
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``)."""
         config_dir = Path(config_dir)
-        try:
-            plans = json.loads((config_dir / PLANS_JSON).read_text())
-            meta = json.loads((config_dir / DATASET_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AutosegError(f"{config_dir}: not a trained configuration ({e}); train it first") from None
-        validate(plans, "plans", str(config_dir / PLANS_JSON))
+        if not config_dir.is_dir():
+            raise AutosegError(f"{config_dir}: not a trained configuration (no such folder); train it first")
+        plans = read_json(config_dir / PLANS_JSON, "train the configuration again (it writes plans.json)", "plans")
+        meta = load_dataset_json(config_dir)
         configuration = config_dir.name
         if configuration not in plans["configurations"]:
             raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")
@@ -215,6 +217,21 @@ class Predictor:
         return probs
 
 
+def _finished(output: Path, inputs: Sequence[Path]) -> bool:
+    """An output a rerun may keep: present, readable to the end, and newer than every input (an input edited or
+    replaced since is predicted again)."""
+    try:
+        if output.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs):
+            return False
+        if output.suffix == ".npz":
+            read_probabilities(output)
+        else:
+            read_image(output)
+    except (OSError, AutosegError):
+        return False
+    return True
+
+
 def predict_folder(
     predictors: Sequence[Predictor],
     in_dir: Path,
@@ -226,35 +243,45 @@ def predict_folder(
     """Predict every case of ``in_dir`` (a folder, an image file, a DICOM series folder or zip: see
     :func:`~autoseg.io.inputs.find_inputs`) into ``out_dir``; probabilities of several predictors are averaged.
 
-    Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
-    others. Each output is written atomically.
+    Finished cases (complete outputs newer than their inputs) are skipped unless ``overwrite``; bad cases,
+    including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
+    Each output is written atomically and read back before it counts.
     """
     meta = predictors[0].meta
     ending = meta["file_ending"]
     cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    outputs = predictors[0].models[0].num_outputs
     for case in tqdm(cases, desc="predict", unit="case"):
         target = out_dir / f"{case.case_id}{ending}"
-        if target.exists() and not overwrite:
+        npz = out_dir / f"{case.case_id}.npz"
+        if not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images)):
             continue
         t0 = time.perf_counter()
         try:
             data, geometry = read_input(case)
+            for p in predictors:  # every configuration's grid, before the first large allocation
+                new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
+                require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
+                               f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
+                               f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
+                               f"model's spacing)", "check the spacing in the image header or use a machine with "
+                               "more memory")
             with TileProgress(case.case_id, sum(len(p.models) for p in predictors)) as bar:
                 probs = predictors[0].predict_array(data, geometry, bar.update)
                 for p in predictors[1:]:
                     probs += p.predict_array(data, geometry, bar.update)
             probs /= len(predictors)
+            seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+            if postprocessing:
+                seg = apply_postprocessing(seg, postprocessing)
+            if save_probabilities:
+                write_probabilities(npz, probs, geometry)
+            write_image(target, seg, geometry)  # last: its presence marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
             continue
-        seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
-        if postprocessing:
-            seg = apply_postprocessing(seg, postprocessing)
-        if save_probabilities:
-            write_probabilities(out_dir / f"{case.case_id}.npz", probs, geometry)
-        write_image(target, seg, geometry)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
     return problems

@@ -41,6 +41,11 @@ class DicomSeries:
     files: tuple[str, ...]
     zip_path: Path | None = None
 
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """The files on disk the series comes from (the zip when zipped): what an output must be newer than."""
+        return (self.zip_path,) if self.zip_path else tuple(Path(f) for f in self.files)
+
     def __str__(self) -> str:
         where = f"{self.zip_path}:" if self.zip_path else ""
         return f"DICOM series {self.uid} ({where}{Path(self.files[0]).parent}, {len(self.files)} files)"

@@ -19,14 +19,16 @@ import numpy as np
 from scipy import ndimage
 
 from ..atomic import remove_stale_temporaries, write_json, write_npy, write_npz
-from ..io.dataset import Case, read_case
+from ..io.dataset import Case, case_signature, read_case
 from ..io.images import Geometry
+from ..jsonfile import read_json
 from ..layout import preprocessed_files
 from ..masks import connected_components
+from ..memory import require_memory
 from ..errors import AutosegError, DatasetError
 from ..planning.fingerprint import nonzero_bbox
 from ..parallel import map_cases
-from .resample import resample_array, resample_labels
+from .resample import case_memory_bytes, resample_array, resample_labels
 
 FG_SAMPLES = 10_000
 MIN_PER_COMPONENT = 64
@@ -84,6 +86,10 @@ def preprocess_case(
     data = normalize(np.ascontiguousarray(data[(slice(None),) + sl], dtype=np.float32), normalization)
     spacing = geometry.spacing_zyx
     new_shape = target_shape(data.shape[1:], spacing, config["spacing"])
+    require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0]),
+                   f"resampling {tuple(data.shape[1:])} voxels of spacing {tuple(spacing)} mm to {tuple(new_shape)}",
+                   "check the spacing in the image header (a wrong spacing makes a huge volume) or use a machine with "
+                   "more memory")
     rules = config["resampling"]
     img_orders = axis_orders(spacing, config["spacing"], rules["image_order"], rules)
     lab_orders = axis_orders(spacing, config["spacing"], rules["label_order"], rules)
@@ -165,18 +171,24 @@ def config_hash(config: dict[str, Any], normalization: list[dict[str, Any]]) -> 
     return hashlib.sha256(json.dumps([keys, normalization, CASE_FORMAT], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def case_done(folder: Path, case_id: str, digest: str) -> bool:
-    """True when all four files of a case exist and were made with the current preprocessing."""
-    files = preprocessed_files(case_id)
+def case_done(folder: Path, case: Case, digest: str) -> bool:
+    """True when all four files of a case exist, were made with the current preprocessing and from the raw files
+    as they are now (same size and mtime); an unreadable properties file means the case is redone."""
+    files = preprocessed_files(case.case_id)
     meta = folder / files["props"]
     if not meta.is_file() or not all((folder / files[kind]).is_file() for kind in ("data", "fg")):
         return False
-    props = json.loads(meta.read_text())
-    return props.get("preprocessing") == digest and (not props.get("has_label") or (folder / files["seg"]).is_file())
+    try:
+        props = read_json(meta, "it is regenerated", "case_properties")
+    except AutosegError:
+        return False
+    return (props["preprocessing"] == digest and props.get("sources") == case_signature(case)
+            and (not props["has_label"] or (folder / files["seg"]).is_file()))
 
 
 def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) -> str:
     case, config, normalization, folder, digest = job
+    sources = case_signature(case)  # before reading, so an edit during the run is seen by the next one
     data, seg, geometry = read_case(case)
     try:
         data, seg, props = preprocess_case(data, seg, geometry, config, normalization)
@@ -188,7 +200,8 @@ def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) 
     if seg is not None:
         write_npy(folder / files["seg"], seg)
     write_npz(folder / files["fg"], foreground_locations(seg, case.case_id) if seg is not None else {})
-    write_json(folder / files["props"], {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None, **props})
+    write_json(folder / files["props"], {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None,
+                                         "sources": sources, **props})
     return case.case_id
 
 
@@ -217,7 +230,7 @@ def preprocess_dataset(
         remove_stale_temporaries(folder)
         source = plans["configurations"].get(ident, config)  # 2d reuses the 3d_fullres data
         digest = config_hash(source, plans["normalization"])
-        todo = [c for c in cases if not case_done(folder, c.case_id, digest)]
+        todo = [c for c in cases if not case_done(folder, c, digest)]
         jobs = [(c, source, plans["normalization"], str(folder), digest) for c in todo]
         results = map_cases(_case_job, jobs, num_workers, desc=f"preprocess {ident}", progress=progress)
         errors += [err for _, err in results if err]

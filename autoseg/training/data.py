@@ -9,7 +9,6 @@ loader's own generator (and restores them afterwards), so batches are reproducib
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,6 @@ class PreprocessedCase:
     seg: np.ndarray  # uint8 (Z, Y, X)
     fg: dict[int, np.ndarray]  # label -> uint16 (K, 3) voxel coordinates
     components: dict[int, np.ndarray]  # label -> (K,) connected component of each coordinate
-    props: dict[str, Any]
 
 
 def _read(folder: Path, case_id: str, kind: str, reader: Any) -> Any:
@@ -107,9 +105,9 @@ def read_foreground(folder: Path, case_id: str) -> dict[int, tuple[np.ndarray, n
 
 
 def load_case(folder: Path, case_id: str) -> PreprocessedCase:
-    """Open the four files of a case written by ``preprocess``; any missing or corrupt file is an AutosegError."""
+    """Open the image, labels and foreground samples of a case written by ``preprocess`` (the properties are for the
+    inverse, not for training); any missing or corrupt file is an AutosegError."""
     folder = Path(folder)
-    props = _read(folder, case_id, "props", lambda p: json.loads(p.read_text()))
     data = _read(folder, case_id, "data", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
     seg = _read(folder, case_id, "seg", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
     fg = read_foreground(folder, case_id)
@@ -118,8 +116,7 @@ def load_case(folder: Path, case_id: str) -> PreprocessedCase:
             f"case {case_id}: image {data.dtype} {data.shape} and labels {seg.dtype} {seg.shape} in {folder} do not "
             "match (expected float32 (C,Z,Y,X) and uint8 (Z,Y,X)); rerun `autoseg plan_and_preprocess`"
         )
-    return PreprocessedCase(case_id, data, seg, {c: v[0] for c, v in fg.items()}, {c: v[1] for c, v in fg.items()},
-                            props)
+    return PreprocessedCase(case_id, data, seg, {c: v[0] for c, v in fg.items()}, {c: v[1] for c, v in fg.items()})
 
 
 def sampling_index(folder: Path, case_ids: Sequence[str], tumour_values: Sequence[int]) -> SamplingIndex:

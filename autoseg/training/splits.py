@@ -11,13 +11,13 @@ order (KFold yields both index sets ascending).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import write_json
 from ..errors import AutosegError
+from ..jsonfile import read_json
 
 N_FOLDS = 5
 SPLIT_SEED = 12345
@@ -47,15 +47,22 @@ def make_splits(case_ids: list[str], n_folds: int = N_FOLDS, seed: int = SPLIT_S
     return folds
 
 
-def load_or_create_splits(path: Path, case_ids: list[str]) -> list[dict[str, list[str]]]:
+def load_or_create_splits(path: Path, case_ids: list[str], fold: int | None = None) -> list[dict[str, list[str]]]:
     """The splits in ``path`` if present (a user may have edited them, or an older autoseg may have written other
-    folds: they are kept), else new nnU-Net-identical ones written there."""
-    if path.is_file():
-        splits = json.loads(path.read_text())
+    folds: they are kept), else new nnU-Net-identical ones written there; with ``fold``, that fold must exist."""
+    if path.exists():
+        fix = f"fix the file (a list of {{\"train\": [...], \"val\": [...]}} objects) or delete it to recreate it"
+        splits = read_json(path, fix, "splits")
         unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
         if unknown:
-            raise AutosegError(f"{path}: cases {unknown[:5]} are not preprocessed; fix the file or delete it")
-        return splits
-    splits = make_splits(case_ids)
-    write_json(path, splits)
+            raise AutosegError(f"{path}: cases {unknown[:5]} are not preprocessed; {fix}")
+        overlap = [i for i, s in enumerate(splits) if set(s["train"]) & set(s["val"])]
+        if overlap:
+            raise AutosegError(f"{path}: fold(s) {overlap} validate on cases they also train on; {fix}")
+    else:
+        splits = make_splits(case_ids)
+        write_json(path, splits)
+    if fold is not None and not 0 <= fold < len(splits):
+        raise AutosegError(f"{path} holds {len(splits)} fold(s), so there is no fold {fold}; pick -f 0..{len(splits) - 1} "
+                           "or add the fold to the file")
     return splits

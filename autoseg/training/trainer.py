@@ -32,16 +32,16 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_path, remove_stale_temporaries, write_json
-from ..checkpoint import load_state, pick_device, save_checkpoint
+from ..checkpoint import fit_weights, load_state, pick_device, save_checkpoint
 from ..errors import AutosegError
+from ..jsonfile import read_json
 from ..labels import LabelSpec, label_layout
 from ..layout import (
-    DATASET_JSON, LABELS_TR, LOG_JSONL, PLANS_JSON, PROGRESS_PNG, SPLITS_JSON, TRAINING_SETUP_JSON, Roots, fold_dir,
-    state_file,
+    DATASET_JSON, LABELS_TR, LOG_JSONL, PLANS_JSON, PROGRESS_PNG, SPLITS_JSON, TRAINING_SETUP_JSON, Roots,
+    checkpoint_file, fold_dir, state_file,
 )
 from ..network import build_network, ds_scales
 from ..precision import PRECISIONS, Precision, probe
-from ..schemas import validate
 from .data import BatchLoader, sampling_index
 from .losses import SegmentationLoss
 from .sampling import SamplingIndex
@@ -253,13 +253,9 @@ class _Setup:
 
 def _read_plans(pp: Path, configuration: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``plans.json`` and ``dataset.json`` of the preprocessed dataset, checked to hold ``configuration``."""
-    try:
-        plans = json.loads((pp / PLANS_JSON).read_text())
-        meta = json.loads((pp / DATASET_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{pp}: plans.json/dataset.json missing or unreadable ({e}); "
-                           "run `autoseg plan_and_preprocess` first") from None
-    validate(plans, "plans", str(pp / PLANS_JSON))
+    fix = "run `autoseg plan_and_preprocess` first (it writes plans.json and dataset.json)"
+    plans = read_json(pp / PLANS_JSON, fix, "plans")
+    meta = read_json(pp / DATASET_JSON, fix)
     if configuration not in plans["configurations"]:
         raise AutosegError(f"configuration {configuration} is not in {pp / PLANS_JSON} "
                            f"(planned: {sorted(plans['configurations'])})")
@@ -273,15 +269,18 @@ def _fold_cases(data_folder: Path, results: Path, configuration: str, fold: int 
         raise AutosegError(f"{data_folder}: no preprocessed cases; run `autoseg plan_and_preprocess -c {configuration}`")
     if fold == "all":
         return case_ids, case_ids
-    split = load_or_create_splits(results / SPLITS_JSON, case_ids)[int(fold)]
+    split = load_or_create_splits(results / SPLITS_JSON, case_ids, int(fold))[int(fold)]
     return split["train"], split["val"]
 
 
-def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots) -> _Setup:
-    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json."""
+def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots, encoder: str | None = None) -> _Setup:
+    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json;
+    an ``encoder`` override is recorded in those plans, since predicting rebuilds the network from them."""
     rank, world = _distributed()
     pp = roots.preprocessed / dataset
     plans, meta = _read_plans(pp, configuration)
+    if encoder:
+        plans["configurations"][configuration]["network"]["encoder"] = encoder
     config = plans["configurations"][configuration]
     data_folder = pp / config["data_identifier"]
     results = roots.results / dataset
@@ -416,7 +415,7 @@ def _resume(setup: _Setup, model: torch.nn.Module, opts: TrainOptions, state: di
     setup.schedule = schedule
     # weights come from the state file itself: one atomic file, so a kill between writing the
     # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
-    model.load_state_dict(saved.pop("model"))
+    fit_weights(model, saved.pop("model"), state_file(out))
     if setup.precision.channels_last:
         model.to(memory_format=torch.channels_last_3d)
     optimizer_state, rng = saved.pop("optimizer"), saved.pop("torch_rng")
@@ -516,9 +515,11 @@ def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOptions, roots: Roots) -> Path:
     """Train one fold (or ``"all"``) of one configuration; returns the fold's output folder."""
-    setup = _prepare(dataset, configuration, fold, roots)
+    setup = _prepare(dataset, configuration, fold, roots, opts.encoder)
     _choose_device(setup, opts)
     device, config, out = setup.device, setup.config, setup.out
+    if setup.rank == 0:  # until this run ends, the fold is unfinished (an older final must not pass for this one's)
+        checkpoint_file(out, "final").unlink(missing_ok=True)
     n_out, regions, rco = label_layout(setup.meta)
     names = output_names(setup.meta)
     torch.manual_seed(opts.seed)
@@ -561,13 +562,13 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         if setup.rank == 0:
             _save_epoch(out, _unwrap(model), optimizer, setup_info, state, names)
     if setup.rank == 0:
-        save_checkpoint(out, "final", _unwrap(model))
         print(f"trained {state['iterations']} iterations in {state['elapsed'] / 60:.1f} min "
               f"(estimated {setup_info['estimate']['iterations']})", flush=True)
         if opts.validate:
             summary = validate_fold(_unwrap(model), setup.data_folder, out, setup.val_ids, config, setup.meta,
                                     roots.raw / dataset / LABELS_TR, rco, device, opts.save_probabilities)
             print(f"validation mean Dice per label: {summary['mean_dice']}")
+        save_checkpoint(out, "final", _unwrap(model))  # last: a run that fails before here is visibly unfinished
     if setup.world > 1:
         dist.barrier()
     return out

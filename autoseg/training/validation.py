@@ -3,7 +3,6 @@ against the raw label map (Dice per predicted label), written to ``fold_<k>/vali
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 
 from ..atomic import write_json
 from ..inference.predictor import predict_probabilities
+from ..jsonfile import read_json
 from ..io.images import read_image, write_image, write_probabilities
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import SUMMARY_JSON, VALIDATION, preprocessed_files
@@ -27,7 +27,8 @@ def validate_fold(model: torch.nn.Module, data_folder: Path, out: Path, val_ids:
     per_case = {}
     for case in val_ids:
         files = preprocessed_files(case)
-        props = json.loads((data_folder / files["props"]).read_text())
+        props = read_json(data_folder / files["props"], "rerun `autoseg plan_and_preprocess` to regenerate the case",
+                          "case_properties")
         data = np.load(data_folder / files["data"], mmap_mode="r", allow_pickle=False)
         # mirroring multiplies the cost by 2**dims: worth it on a GPU, not in a CPU training job
         probs, geometry = predict_probabilities([model], data, props, config,
