@@ -35,6 +35,8 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_path
 from .errors import AutosegError
+from .io.dataset import dataset_json_problems
+from .jsonfile import parse_json, read_json
 from .layout import DATASET_JSON, FINGERPRINT_JSON, INFERENCE_PLAN_JSON, PLANS_JSON, checkpoint_name
 
 MANIFEST = "manifest.json"
@@ -150,10 +152,7 @@ def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[
         sources.append((results_dataset_dir / INFERENCE_PLAN_JSON, INFERENCE_PLAN_JSON))
     if fingerprint is not None:
         fingerprint = Path(fingerprint)
-        try:
-            json.loads(fingerprint.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AutosegError(f"{fingerprint}: cannot read the fingerprint JSON ({e})") from None
+        read_json(fingerprint, "rerun `autoseg plan_and_preprocess` or export with --no-fingerprint")
         sources.append((fingerprint, FINGERPRINT_JSON))
     for config, chosen in selection.items():
         for name in (PLANS_JSON, DATASET_JSON):
@@ -221,9 +220,9 @@ def _read_manifest(where: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo,
                    dataset: str) -> tuple[dict[str, Any], bytes]:
     try:
         raw = zf.read(info)
-        manifest = json.loads(raw.decode("utf-8"))
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise _fail(where, f"{info.filename} is not valid JSON ({e})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise _fail(where, f"{info.filename} cannot be read ({e})") from None
+    manifest = parse_json(raw, f"{where}: {info.filename}", "export the model again (autoseg export)")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise _fail(where, f"{info.filename} must be an object with a 'files' object")
     for key in ("autoseg_version", "dataset", "created_utc"):
@@ -335,22 +334,25 @@ def _extract(where: str, zf: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo],
                         f"{expected['sha256']}; the bundle was modified or damaged")
 
 
-def _validate_extracted(where: str, folder: Path, files: dict[str, zipfile.ZipInfo]) -> None:
+def _validate_extracted(where: str, folder: Path, dataset: str, files: dict[str, zipfile.ZipInfo]) -> None:
     """Parse every JSON, schema-check every plans.json and open every safetensors header."""
     from safetensors import safe_open
 
-    from .schemas import validate
-
     for rel in files:
         path = folder.joinpath(*rel.split("/"))
-        member = f"{folder.name}/{rel}"
+        member = f"{dataset}/{rel}"
         if rel.endswith(".json"):
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _fail(where, f"member '{member}' is not valid JSON ({e})") from None
-            if path.name == PLANS_JSON:
-                validate(obj, "plans", f"{where}: {member}")
+            kind = "inference_plan" if rel == INFERENCE_PLAN_JSON else "plans" if path.name == PLANS_JSON else None
+            obj = parse_json(path.read_bytes(), f"{where}: member '{member}'", "export the model again (autoseg export)",
+                             kind)
+            problems = dataset_json_problems(obj, f"member '{member}'") if path.name == DATASET_JSON else []
+            if problems:
+                raise _fail(where, "; ".join(problems))
+            if rel == INFERENCE_PLAN_JSON:
+                absent = [c for c in obj["configurations"] if f"{c}/{PLANS_JSON}" not in files]
+                if absent:
+                    raise _fail(where, f"member '{member}' names configuration(s) {absent} the bundle does not hold; "
+                                "export the model again (autoseg export)")
         elif rel.endswith(".safetensors"):
             try:
                 with safe_open(str(path), framework="numpy") as f:
@@ -398,7 +400,7 @@ def import_bundle(zip_path: Path, results_root: Path, max_bytes: int = DEFAULT_M
             tmp.mkdir()
             _extract(where, zf, files, manifest, tmp)
             (tmp / MANIFEST).write_bytes(raw)
-            _validate_extracted(where, tmp, files)
+            _validate_extracted(where, tmp, dataset, files)
             if target.exists() or target.is_symlink():
                 if not overwrite:
                     raise _fail(where, f"{target} already exists; pass --overwrite to replace it")

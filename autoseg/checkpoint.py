@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_zip
 from .errors import AutosegError
 from .layout import checkpoint_file, state_file
 
@@ -26,14 +26,46 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def _non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf."""
+    return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict[str, Any] | None = None) -> None:
-    """Weights as safetensors; optional training state via ``torch.save`` of tensors and primitives only."""
+    """Weights as safetensors; optional training state via ``torch.save`` of tensors and primitives only.
+
+    Weights holding NaN/Inf are refused: a diverged run must not leave a checkpoint that predicts only background.
+    """
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(checkpoint_file(folder, name)) as tmp:
+    bad = _non_finite(weights)
+    if bad:
+        raise AutosegError(f"{checkpoint_file(folder, name)}: training diverged, {len(bad)} weight tensor(s) hold "
+                           f"NaN/Inf (first: {bad[0]}); nothing was saved. Lower --lr, or continue from the last good "
+                           "checkpoint_latest with --continue")
+    with atomic_path(checkpoint_file(folder, name), lambda p: load_file(str(p))) as tmp:
         save_file(weights, str(tmp))
     if state is not None:
-        with atomic_path(state_file(folder, name)) as tmp:
+        with atomic_path(state_file(folder, name), check_zip) as tmp:
             torch.save(state, tmp)
+
+
+def fit_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``weights`` into ``model`` after checking every name, shape and value, so a checkpoint from other plans,
+    another ``--encoder`` or a damaged file is an error naming ``source`` instead of a size-mismatch traceback."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k} {tuple(weights[k].shape)} (network: {tuple(v.shape)})" for k, v in expected.items()
+             if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise AutosegError(f"{source}: weights do not fit the planned network (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}, wrong shape {wrong[:3]}); it was trained with other plans or --encoder, "
+                           "or the file was edited: retrain the fold or restore the model folder")
+    bad = _non_finite(weights)
+    if bad:
+        raise AutosegError(f"{source}: {len(bad)} weight tensor(s) hold NaN/Inf (first: {bad[0]}); the run that "
+                           "wrote it diverged: retrain with a lower --lr")
+    model.load_state_dict(weights)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -42,12 +74,24 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         weights = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise AutosegError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise AutosegError(f"{path}: weights do not fit the planned network (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}); was it trained with other plans or --encoder?")
+    fit_weights(model, weights, path)
+
+
+STATE_KEYS = ("model", "optimizer", "torch_rng", "epoch", "ema", "best", "elapsed", "log")
 
 
 def load_state(folder: Path, name: str = "latest") -> dict[str, Any]:
-    """The training state saved with ``checkpoint_<name>`` (tensors and primitives only)."""
-    return torch.load(state_file(folder, name), map_location="cpu", weights_only=True)
+    """The training state saved with ``checkpoint_<name>`` (tensors and primitives only); a damaged or edited file
+    is an error naming it."""
+    path = state_file(folder, name)
+    fix = f"delete {path} and {checkpoint_file(folder, name)} and train again without --continue"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of anything but tensors and primitives, ...
+        raise AutosegError(f"{path}: not a readable training state ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise AutosegError(f"{path}: training state lacks {missing}; {fix}")
+    if not isinstance(state["epoch"], int) or state["epoch"] < 0 or not isinstance(state["log"], list):
+        raise AutosegError(f"{path}: training state has epoch {state['epoch']!r}; {fix}")
+    return state

@@ -89,6 +89,9 @@ class LabelSpec:
         except ValueError as e:
             raise AutosegError(f"dataset.json: {e}") from None
         rco = meta.get("regions_class_order")
+        if rco is not None and (not isinstance(rco, list) or not all(_valid_value(v) and v > 0 for v in rco)):
+            raise AutosegError(f"dataset.json: 'regions_class_order' must be a list of label values 1-255, found "
+                               f"{str(rco)[:80]}; list the value each region paints, in the order of the regions")
         return cls(labels, None if rco is None else tuple(int(v) for v in rco))
 
     @property
@@ -112,6 +115,10 @@ class LabelSpec:
                 raise AutosegError("dataset.json declares regions (a label given as a list) but no "
                                    "'regions_class_order'; add it, listing the value each region paints")
             regions = [list(v) if isinstance(v, tuple) else [v] for v in labels.values()]
+            if len(self.regions_class_order) != len(regions):
+                raise AutosegError(f"dataset.json: 'regions_class_order' has {len(self.regions_class_order)} "
+                                   f"value(s) {list(self.regions_class_order)} but there are {len(regions)} regions "
+                                   f"({', '.join(labels)}); give exactly one value per region, in that order")
             return len(regions), regions, list(self.regions_class_order)
         values = sorted([0] + list(labels.values()))
         if values != list(range(len(values))):

@@ -1,10 +1,10 @@
 """Where datasets, preprocessed data and results live, and every file name inside them.
 
 Raw (nnU-Net v2)::  <raw>/<dataset>/dataset.json, imagesTr/CASE_XXXX<ending>, labelsTr/CASE<ending>, imagesTs/, labelsTs/
-Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, plans.json, dataset.json,
+Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, plans.json, dataset.json,
                     <data_identifier>/CASE.npy, CASE_seg.npy, CASE_fg.npz, CASE.json
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
-                    fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, log.jsonl,
+                    fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, training_setup.json, log.jsonl,
                     progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
 """
 
@@ -18,6 +18,7 @@ from typing import Mapping
 from .errors import AutosegError
 
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+_SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,27 @@ def dataset_name(spec: str, raw_root: Path) -> str:
     raise AutosegError(f"'{spec}' is not a dataset id (e.g. 501) or name (e.g. Dataset501_Abdomen)")
 
 
+def inside(folder: Path, name: str, source: str) -> Path:
+    """``folder/name`` for a ``name`` taken from a JSON file, a bundle or a flag (``source`` says which), refused
+    unless every component is a plain name (no ``..``, no absolute path, no drive) and the path, symlinks
+    resolved, stays inside ``folder``: a file must not make autoseg read plans or weights from elsewhere."""
+    parts = str(name).split("/")
+    if not name or not all(_SAFE_PART.match(p) and len(p) <= 100 for p in parts):
+        raise AutosegError(f"{source}: {name!r} is not a plain name inside {folder} (letters, digits, '_', '-', '.'; "
+                           "no absolute path or '..'); use the folder's own name, e.g. 3d_fullres or 0")
+    path = Path(folder).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise AutosegError(f"{source}: {name!r} leads outside {folder} (through a symbolic link); refusing it")
+    return path
+
+
 # Raw dataset
 DATASET_JSON = "dataset.json"
 IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs", "labelsTs"
 
 # Preprocessed dataset
 FINGERPRINT_JSON = "fingerprint.json"
+SOURCES_JSON = "sources.json"  # size and mtime of every raw file the fingerprint was computed from
 PLANS_JSON = "plans.json"
 
 # Results
@@ -72,6 +88,7 @@ SPLITS_JSON = "splits.json"
 INFERENCE_PLAN_JSON = "inference_plan.json"
 STATE_SUFFIX = ".state.pt"
 LOG_JSONL = "log.jsonl"
+TRAINING_SETUP_JSON = "training_setup.json"  # measured precision, chosen schedule and the iteration estimate
 PROGRESS_PNG = "progress.png"
 VALIDATION = "validation"
 SUMMARY_JSON = "summary.json"

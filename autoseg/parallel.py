@@ -2,13 +2,15 @@
 
 Failures are returned per item instead of aborting the whole run, so a command can finish the valid cases and
 then report every bad one by name. Workers are started with ``spawn`` so a parent that already loaded torch or
-OpenMP threads cannot deadlock them.
+OpenMP threads cannot deadlock them, and each one exits when its parent dies.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, TypeVar
@@ -19,6 +21,7 @@ from .errors import AutosegError
 
 # Worker processes a command starts by default: each holds one case in memory.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+PARENT_POLL_S = 0.5  # how soon an orphaned worker notices its parent is gone
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,6 +36,20 @@ def _describe(item: object) -> str:
             return f"case {case_id}"
     text = str(item)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _exit_with_parent(parent: int, initializer: Callable[[], None] | None) -> None:
+    """Worker start-up: a daemon thread ends this process once its parent is gone (a parent killed with SIGKILL
+    cannot shut its pool down, and an orphaned worker would otherwise wait for work forever), then the caller's
+    ``initializer``."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="autoseg-parent-watch", daemon=True).start()
+    if initializer is not None:
+        initializer()
 
 
 def _guarded(args: tuple[Callable[[T], R], T]) -> tuple[R | None, str | None]:
@@ -63,7 +80,8 @@ def map_cases(
     if num_workers <= 1 or len(items) <= 1:
         return [_guarded(j) for j in tqdm(jobs, **bar)]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(num_workers, len(items)), mp_context=ctx, initializer=initializer) as pool:
+    with ProcessPoolExecutor(min(num_workers, len(items)), mp_context=ctx, initializer=_exit_with_parent,
+                             initargs=(os.getpid(), initializer)) as pool:
         futures = [pool.submit(_guarded, j) for j in jobs]
         try:
             return [f.result() for f in tqdm(futures, **bar)]

@@ -29,8 +29,17 @@ muscle wall; ribs in the upper wall; lung bases; bowel loops and stomach with fl
 horizontal in the patient frame, gas anterior, as in a supine patient); psoas and paraspinal muscles; spleen;
 liver (right lobe + left lobe, with a gallbladder); two kidneys with cortex brighter than medulla; aorta and IVC;
 lumbar spine with cortical shell, discs, canal and posterior arch. Liver and kidney tumours (0-3 per organ, 5-40 mm,
-hypo- or hyperdense by 10-60 HU, larger ones sometimes with a necrotic core) are clipped to their organ. Then a mild
-Gaussian blur (partial volume), Gaussian noise and a per-case intensity shift.
+larger ones sometimes with a necrotic core) are clipped to their organ. Then a mild Gaussian blur (partial volume),
+Gaussian noise and a per-case intensity shift.
+
+Tumour contrast and noise follow one real portal-venous liver CT with manual labels (liver 118 +- 22 HU, hypodense
+lesions 70 +- 23 HU, contrast about 48 HU, high-pass noise sigma about 14 HU, lesions from under 0.1 mL to tens of
+mL): liver parenchyma 100-135 HU; each tumour differs from its organ's parenchyma by a contrast drawn from
+N(48, 15) HU clipped to 15-90, hypodense in 9 of 10 tumours; white noise sigma 11-17 HU. No real kidney figure was
+given, so kidney tumours use the same contrast rule against the mean of cortex and medulla. The noise is the real
+scan's at its own sub-millimetre voxels, while phantom voxels are 10-30 times larger (real noise averaged over such
+voxels would be several times lower), so the phantom's contrast-to-noise ratio is below real CT's, not above it.
+``benchmarks/phantom_stats.py`` measures all of this on generated cases (figures in ``benchmarks/RESULTS.md``).
 
 Labels: 0 background, 1 liver, 2 liver tumour, 3 kidney, 4 kidney tumour; each voxel carries the label of the last
 structure painted over it, so tumours overwrite organs and vessels or bone overwrite both. The image is painted from
@@ -78,6 +87,11 @@ SIZES: dict[str, SizePreset] = {
 INPLANE_FOV_MM = (350.0, 385.0)
 Z_FOV_MM = (200.0, 300.0)
 FLIP_PROBABILITY = 0.25
+# Tumour contrast against the organ's parenchyma and image noise, after one real portal-venous liver CT (docstring).
+TUMOUR_CONTRAST_HU = (48.0, 15.0)  # mean, standard deviation of |tumour - parenchyma| per tumour
+TUMOUR_CONTRAST_RANGE_HU = (15.0, 90.0)
+HYPODENSE_SHARE = 0.9
+NOISE_SIGMA_HU = (11.0, 17.0)  # uniform range of the per-case white-noise sigma
 _FLIPS = ((-1.0, -1.0, 1.0), (1.0, 1.0, -1.0))
 
 
@@ -491,8 +505,8 @@ def _paint_tumours(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], 
                 _random_rot(rng, 90),
                 _wobble(rng, 0.08, (d, 3 * d)),
             )
-            sign = -1.0 if rng.random() < 0.65 else 1.0
-            value = parenchyma + sign * rng.uniform(10, 60)
+            sign = -1.0 if rng.random() < HYPODENSE_SHARE else 1.0
+            value = parenchyma + sign * float(np.clip(rng.normal(*TUMOUR_CONTRAST_HU), *TUMOUR_CONTRAST_RANGE_HU))
             necrotic = d >= 20 and rng.random() < 0.4
             core, core_hu = rng.uniform(0.3, 0.6) ** 2, rng.uniform(5, 25)
             r = t.q(cv.grid)
@@ -509,7 +523,7 @@ def _paint_tumours(rng: np.random.Generator, cv: _Canvas, hu: dict[str, float], 
 def _acquire(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Acquisition: partial-volume blur, noise, a per-case calibration shift; CT stores int16 clipped at -1024."""
     img = gaussian_filter(image, sigma=float(rng.uniform(0.5, 1.0)), mode="nearest")
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(10, 25))
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(*NOISE_SIGMA_HU))
     img += np.float32(rng.uniform(-15, 15))
     np.rint(img, out=img)
     np.clip(img, -1024, 3071, out=img)
@@ -562,7 +576,7 @@ def _draw_intensities(rng: np.random.Generator) -> dict[str, float]:
         "bowel_fluid": (5, 25),
         "gas": (-950, -880),
         "spleen": (100, 120),
-        "liver": (52, 68),
+        "liver": (100, 135),  # portal-venous enhancement (real scan: 118 +- 22 HU)
         "bile": (0, 20),
         "cortex": (165, 195),
         "medulla": (110, 130),

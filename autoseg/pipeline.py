@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -20,21 +19,21 @@ from .inference.ensemble import ensemble_folders
 from .inference.postprocess import apply_postprocessing
 from .inference.predictor import Predictor, predict_folder
 from .inference.selection import find_best_configuration
-from .io.dataset import images_in_folder, load_dataset_json, resolve_labels
+from .io.dataset import Case, case_signature, images_in_folder, load_dataset_json, resolve_labels
 from .io.images import read_image, write_image
+from .io.inputs import IMAGE_ENDINGS
 from .io.verify import check_dataset
+from .jsonfile import read_json
 from .labels import LabelSpec
 from .layout import (
-    DATASET_JSON, FINGERPRINT_JSON, IMAGES_TR, INFERENCE_PLAN_JSON, LABELS_TR, PLANS_JSON, Roots, dataset_name,
-    trained_folds,
+    DATASET_JSON, FINGERPRINT_JSON, IMAGES_TR, INFERENCE_PLAN_JSON, LABELS_TR, PLANS_JSON, SOURCES_JSON, Roots,
+    dataset_name, inside, trained_folds,
 )
 from .planning.fingerprint import compute_fingerprint
 from .planning.planner import plan
 from .preprocessing.preprocess import preprocess_dataset
 from .schemas import validate
 from .training.trainer import TrainOptions, train_fold
-
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def planning_device(choice: str) -> str:
@@ -53,16 +52,24 @@ def results_dataset(roots: Roots, spec: str) -> str:
     return dataset_name(spec, roots.raw if roots.raw.is_dir() else roots.results)
 
 
-def _reusable_fingerprint(fp_path: Path, case_ids: list[str]) -> dict[str, Any] | None:
-    """The fingerprint in ``fp_path`` when it was computed from exactly these cases, else None (recompute)."""
-    try:
-        fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AutosegError(f"{fp_path}: not valid JSON ({e}); delete it to recompute the fingerprint") from None
-    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
-    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None for c in recorded] != case_ids:
+def _reusable_fingerprint(fp_path: Path, cases: list[Case]) -> dict[str, Any] | None:
+    """The fingerprint in ``fp_path`` when it was computed from exactly these cases and files (same size and mtime,
+    recorded in ``sources.json``), else None (recompute): an edited label must not be planned from stale facts."""
+    if not fp_path.is_file():
         return None
-    validate(fingerprint, "fingerprint", str(fp_path))
+    fingerprint = read_json(fp_path, "delete it to recompute the fingerprint")
+    recorded = fingerprint.get("cases") if isinstance(fingerprint, dict) else None
+    if not isinstance(recorded, list) or [c.get("case") if isinstance(c, dict) else None
+                                          for c in recorded] != [c.case_id for c in cases]:
+        return None
+    sources = fp_path.with_name(SOURCES_JSON)
+    signatures = read_json(sources, "delete it to recompute the fingerprint") if sources.is_file() else None
+    changed = [c.case_id for c in cases if not isinstance(signatures, dict) or signatures.get(c.case_id) != case_signature(c)]
+    if changed:
+        print(f"raw files changed since {fp_path} was computed (case(s) {', '.join(changed[:5])}"
+              f"{' ...' if len(changed) > 5 else ''}); recomputing it")
+        return None
+    validate(fingerprint, "fingerprint", str(fp_path), "delete it to recompute the fingerprint")
     return fingerprint
 
 
@@ -90,10 +97,12 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
     if problems:
         raise DatasetError(problems + ["run with --verify for a full check of every file"])
     fp_path = out / FINGERPRINT_JSON
-    fingerprint = _reusable_fingerprint(fp_path, [c.case_id for c in cases])
-    if fingerprint is None:  # absent, from other cases, or not a fingerprint: recompute
+    fingerprint = _reusable_fingerprint(fp_path, cases)
+    if fingerprint is None:  # absent, from other cases or files, or not a fingerprint: recompute
+        signatures = {c.case_id: case_signature(c) for c in cases}  # before reading: an edit during the run shows
         fingerprint = compute_fingerprint(name, meta, cases, num_workers)
         write_json(fp_path, fingerprint)
+        write_json(fp_path.with_name(SOURCES_JSON), signatures)  # last: without it the fingerprint is recomputed
     else:
         print(f"reusing {fp_path} (same {len(cases)} cases); delete it to recompute")
     plans = plan(fingerprint, gpu_memory_gb, planning_device(device))
@@ -123,27 +132,47 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
     inference_plan = dataset_dir / INFERENCE_PLAN_JSON
     postprocessing = None
     if configuration:
-        configs, chosen = [configuration], {configuration: folds}
+        configs, chosen, source = [configuration], {configuration: folds}, "-c"
     elif inference_plan.is_file():
-        ip = json.loads(inference_plan.read_text())
+        ip = read_json(inference_plan, f"rerun `autoseg find_best_configuration` or delete {inference_plan}",
+                       "inference_plan")
         configs, chosen, postprocessing = ip["configurations"], ip["folds"], ip["postprocessing"]
+        source = str(inference_plan)
         print(f"using {inference_plan}: {'+'.join(configs)}, postprocessing {postprocessing}")
     else:
-        configs, chosen = ["3d_fullres"], {"3d_fullres": folds}
+        configs, chosen, source = ["3d_fullres"], {"3d_fullres": folds}, "the default configuration"
     if folds:
         chosen = {c: folds for c in configs}
+    for c in configs:  # names read from a file or a bundle must not lead out of the dataset folder
+        inside(dataset_dir, c, source)
+        for f in chosen.get(c) or []:
+            inside(dataset_dir / c, f"fold_{f}", "-f" if folds else source)
     if fast:
         chosen = {c: (chosen.get(c) or trained_folds(dataset_dir / c))[:1] for c in configs}
     return configs, chosen, postprocessing
+
+
+def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: list[str] | None = None,
+                    device: str = "auto", mirror: bool = True, step: float = 0.5,
+                    fast: bool = False, precision: str = "auto") -> tuple[list[Predictor], dict[str, Any] | None]:
+    """The predictors of a trained dataset folder (see :func:`inference_models`) and the postprocessing to apply;
+    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` as in
+    :meth:`Predictor.from_trained`."""
+    configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
+    if fast:
+        mirror, step = False, max(step, 0.75)
+    predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step,
+                                         precision=precision) for c in configs]
+    return predictors, postprocessing
 
 
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True, precision: str = "auto") -> None:
-    """Predict every image of ``input_dir`` with a model trained here (``dataset``) or a bundle (``model``);
-    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` as in
-    :meth:`Predictor.from_trained`. Bad cases are raised together at the end."""
+    """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
+    trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`. Bad
+    cases are raised together at the end."""
     bundle_dir = None
     if model:
         dataset_dir = open_bundle(Path(model))
@@ -153,11 +182,8 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
     else:
         raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
     try:
-        configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
-        if fast:
-            mirror, step = False, max(step, 0.75)
-        predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step,
-                                             precision=precision) for c in configs]
+        predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step, fast,
+                                                     precision)
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
                                   postprocessing if postprocess else None)
     finally:
@@ -179,7 +205,7 @@ def find_best(roots: Roots, dataset: str) -> tuple[dict[str, Any], Path]:
     """Choose configuration/ensemble and postprocessing from the validation results; returns the inference plan
     and where it was written."""
     name = results_dataset(roots, dataset)
-    meta = json.loads((roots.preprocessed / name / DATASET_JSON).read_text())
+    meta = load_dataset_json(roots.preprocessed / name)
     inference_plan = find_best_configuration(roots.results / name, roots.raw / name / LABELS_TR, meta)
     path = roots.results / name / INFERENCE_PLAN_JSON
     write_json(path, inference_plan)
@@ -192,7 +218,7 @@ def postprocess_folder(roots: Roots, dataset: str, input_dir: Path, output_dir: 
     plan_path = roots.results / name / INFERENCE_PLAN_JSON
     if not plan_path.is_file():
         raise AutosegError(f"{plan_path} not found; run `autoseg find_best_configuration -d {name}` first")
-    spec = json.loads(plan_path.read_text())["postprocessing"]
+    spec = read_json(plan_path, f"rerun `autoseg find_best_configuration -d {name}`", "inference_plan")["postprocessing"]
     files = sorted(p for p in Path(input_dir).iterdir() if p.name.endswith(IMAGE_ENDINGS))
     for f in files:
         seg, geo = read_image(f)
@@ -201,13 +227,14 @@ def postprocess_folder(roots: Roots, dataset: str, input_dir: Path, output_dir: 
 
 
 def evaluate(roots: Roots, ref: Path, pred: Path, output: Path | None = None, dataset: str | None = None,
-             labels: Path | None = None, tolerance_mm: float = 1.0, num_workers: int = 1) -> tuple[dict[str, Any], Path]:
+             labels: Path | None = None, tolerance_mm: float = 1.0, num_workers: int = 1,
+             kits: bool = False) -> tuple[dict[str, Any], Path]:
     """Evaluate ``pred`` against ``ref``; writes evaluation.csv, lesions.csv and summary.json to ``output`` (default
-    ``pred``) and returns the summary and that folder."""
+    ``pred``) and returns the summary and that folder. ``kits`` adds the KiTS challenges' official metrics."""
     ref, pred = Path(ref), Path(pred)
     label_map, ending = resolve_labels(roots, dataset, labels, [pred, ref.parent])
     per_case, summary, lesions = evaluate_folders(ref, pred, label_map, ending, num_workers, tolerance_mm,
-                                                  return_lesions=True)
+                                                  return_lesions=True, kits=kits)
     out = Path(output) if output else pred
     write_csv(out / "evaluation.csv", per_case)
     write_csv(out / "lesions.csv", lesions)

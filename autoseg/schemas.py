@@ -24,8 +24,14 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
-def validate(obj: dict[str, Any], kind: str, source: str = "") -> None:
-    """Raise an ``AutosegError`` listing every schema violation of ``obj`` (``kind``: fingerprint or plans)."""
+def _short(text: str, limit: int = 200) -> str:
+    """A schema message cut to ``limit`` characters: jsonschema quotes the whole offending value."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate(obj: Any, kind: str, source: str = "", fix: str = "") -> None:
+    """Raise an ``AutosegError`` listing every schema violation of ``obj`` (``kind``: a schema in
+    ``json_schemas/``) and, when given, how to fix the file."""
     where = f"{source}: " if source else ""
     supported = _validator(kind).schema.get("properties", {}).get("schema_version", {}).get("const")
     found = obj.get("schema_version") if isinstance(obj, dict) else None
@@ -39,5 +45,7 @@ def validate(obj: dict[str, Any], kind: str, source: str = "") -> None:
         )
     errors = sorted(_validator(kind).iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  - at {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors[:20]]
-        raise AutosegError(f"{where}{kind} does not match its schema (autoseg {kind} schema v1):\n" + "\n".join(lines))
+        lines = [f"  - at {'/'.join(map(str, e.absolute_path)) or '(top)'}: {_short(e.message)}" for e in errors[:20]]
+        tail = f"\n  fix: {fix}" if fix else ""
+        raise AutosegError(f"{where}{kind} does not match its schema (autoseg {kind} schema v1):\n" + "\n".join(lines)
+                           + tail)

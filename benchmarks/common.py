@@ -62,10 +62,25 @@ def run_measured(cmd: Sequence[str], env: dict | None = None) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3), "output": output}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux): benchmark figures differ between CPU kinds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import torch
 
+    from autoseg.precision import hardware_low_precision
+
     return {
+        "cpu": cpu_model(),
+        "cpu_bf16": hardware_low_precision(torch.device("cpu")) == "bf16",
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

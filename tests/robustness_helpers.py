@@ -33,7 +33,8 @@ TINY_CONFIG = {
     },
 }
 TRAIN_ARGS = ["train", "-d", "501", "-c", "3d_fullres", "-f", "0", "--epochs", "4", "--iters-per-epoch", "3",
-              "--val-iters", "1", "--num-workers", "0", "--no-validation", "--device", "cpu"]
+              "--val-iters", "1", "--num-workers", "0", "--no-validation", "--device", "cpu",
+              "--precision", "fp32"]  # runs compared bit by bit must not depend on a timing measurement (auto)
 PREPROCESS_ARGS = ["plan_and_preprocess", "-d", "501", "-np", "1", "-c", "3d_fullres", "--device", "cpu"]
 PREDICT_ARGS = ["predict", "-d", "501", "-c", "3d_fullres", "--device", "cpu"]
 

@@ -28,12 +28,14 @@ def results(tmp_path) -> Path:
     (cfg / "fold_0").mkdir(parents=True)
     (cfg / "fold_1").mkdir()
     (cfg / "plans.json").write_text((REPO / "plans" / "demo_phantom.json").read_text())
-    (cfg / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
+    (cfg / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+                                                  "numTraining": 2, "file_ending": ".nii.gz"}))
     save_file({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3)},
               str(cfg / "fold_0" / "checkpoint_final.safetensors"))
     save_file({"w": torch.zeros(2)}, str(cfg / "fold_1" / "checkpoint_latest.safetensors"))
     (cfg / "fold_0" / "log.jsonl").write_text("{}\n")  # not part of a bundle
-    (ds / "inference_plan.json").write_text(json.dumps({"configurations": ["3d_fullres"]}))
+    (ds / "inference_plan.json").write_text(json.dumps({"configurations": ["3d_fullres"], "folds": {"3d_fullres": ["0"]},
+                                                        "postprocessing": {}}))
     return ds
 
 

@@ -135,10 +135,10 @@ def test_predict_in_rois_checks_the_shape_it_gets_back():
 
 RULES = {"image_order": 3, "label_order": 1, "out_of_plane_order": 0, "anisotropy_threshold": 3.0}
 NORM = [{"channel": 0, "scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 10.0, "std": 2.0}]
-SOFTMAX_META = {"labels": {"background": 0, "organ": 1, "tumour": 2}, "channel_names": {"0": "CT"},
+SOFTMAX_META = {"labels": {"background": 0, "organ": 1, "tumour": 2}, "channel_names": {"0": "CT"}, "numTraining": 1,
                 "file_ending": ".nii.gz"}
 REGION_META = {"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "regions_class_order": [1, 2],
-               "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+               "channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".nii.gz"}
 PATCH = [8, 8, 8]
 MARGIN_MM = 3.0
 

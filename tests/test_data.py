@@ -17,7 +17,9 @@ from autoseg.training.data import (
     load_case,
     region_targets,
     sample_patch,
+    sampling_index,
 )
+from autoseg.training.sampling import pick_voxel
 from autoseg.errors import AutosegError
 from autoseg.preprocessing.preprocess import foreground_locations
 
@@ -62,7 +64,7 @@ def test_sample_patch_3d_is_exact_crop(tmp_path):
     case = load_case(tmp_path, "case_0")
     rng = np.random.default_rng(0)
     for _ in range(5):
-        d, s = sample_patch(case, (8, 10, 12), False, rng)
+        d, s = sample_patch(case, (8, 10, 12), None, rng)
         assert d.shape == (1, 8, 10, 12) and d.dtype == np.float32 and s.shape == (1, 8, 10, 12)
         z, y, x = locate(d[0, 0, 0, 0])
         np.testing.assert_array_equal(d, data[:, z:z + 8, y:y + 10, x:x + 12])
@@ -72,7 +74,7 @@ def test_sample_patch_3d_is_exact_crop(tmp_path):
 def test_sample_patch_2d_is_one_slice(tmp_path):
     data, seg = write_case(tmp_path)
     case = load_case(tmp_path, "case_0")
-    d, s = sample_patch(case, (10, 12), True, np.random.default_rng(1))
+    d, s = sample_patch(case, (10, 12), case.fg[1][0], np.random.default_rng(1))
     assert d.shape == (1, 10, 12) and s.shape == (1, 10, 12) and s.max() > 0
     z, y, x = locate(d[0, 0, 0])
     np.testing.assert_array_equal(d[0], data[0, z, y:y + 10, x:x + 12])
@@ -84,8 +86,8 @@ def test_sample_patch_pads_small_image_with_zeros(tmp_path):
     case = load_case(tmp_path, "case_0")
     rng = np.random.default_rng(2)
     starts = set()
-    for force in (False, True, False):
-        d, s = sample_patch(case, (32, 32, 32), force, rng)
+    for centre in (None, case.fg[2][0], None):
+        d, s = sample_patch(case, (32, 32, 32), centre, rng)
         assert d.shape == (1, 32, 32, 32)
         inside = np.argwhere(d[0] > 0)
         lo = inside.min(0)
@@ -95,23 +97,32 @@ def test_sample_patch_pads_small_image_with_zeros(tmp_path):
     assert len(starts) > 1  # placed at random, not always in the corner
 
 
-def test_forced_patches_hold_foreground_of_each_class(tmp_path):
+def centred_patch(case, index, rng, patch, inner=None):
+    """A patch centred as the training loader centres it: class and component from the index, then a voxel."""
+    _, label, comp = index.draw(rng)
+    centre = None if label is None else pick_voxel(case.fg[label], case.components[label], comp, rng)
+    return label, sample_patch(case, patch, centre, rng, inner=inner)[1]
+
+
+def test_centred_patches_hold_foreground_of_each_class(tmp_path):
     write_case(tmp_path)
     case = load_case(tmp_path, "case_0")
+    index = sampling_index(tmp_path, ["case_0"], ())
     rng = np.random.default_rng(3)
-    forced = [sample_patch(case, (6, 6, 6), True, rng)[1] for _ in range(20)]
-    assert all(s.max() > 0 for s in forced)
-    assert sum((s == 2).any() for s in forced) >= 7
-    free = [sample_patch(case, (6, 6, 6), False, rng)[1] for _ in range(20)]
-    assert sum(s.max() == 0 for s in free) >= 5  # so the forced result is not an accident of the case
+    draws = [centred_patch(case, index, rng, (6, 6, 6)) for _ in range(60)]
+    forced = [s for label, s in draws if label is not None]
+    assert len(forced) >= 30 and all(s.max() > 0 for s in forced)
+    assert sum((s == 2).any() for s in forced) >= len(forced) // 3
+    free = [s for label, s in draws if label is None]
+    assert sum(s.max() == 0 for s in free) >= 5  # so the centred result is not an accident of the case
 
 
-def test_forced_voxel_lies_in_inner_region(tmp_path):
+def test_centre_voxel_lies_in_inner_region(tmp_path):
     write_case(tmp_path)
     case = load_case(tmp_path, "case_0")
     rng = np.random.default_rng(4)
-    for _ in range(10):
-        _, s = sample_patch(case, (16, 16, 16), True, rng, inner=(6, 6, 6))
+    for i in range(10):
+        s = sample_patch(case, (16, 16, 16), case.fg[1 + i % 2][i], rng, inner=(6, 6, 6))[1]
         assert s[0, 5:11, 5:11, 5:11].max() > 0
 
 
@@ -188,15 +199,6 @@ def test_region_batches(tmp_path):
     t = next(loader)["target"]
     assert t[0].dtype == torch.float32 and t[0].shape == (2, 2, 8, 8, 8) and t[1].shape == (2, 2, 4, 4, 4)
     assert torch.all(t[0][:, 1] <= t[0][:, 0])  # label 2 is inside region {1, 2}
-
-
-def test_last_third_of_batch_is_forced_foreground(tmp_path):
-    write_case(tmp_path)
-    loader = BatchLoader(tmp_path, ["case_0"], config((5, 5, 5), batch=3), [[1, 1, 1]], augment=False,
-                         num_workers=0)
-    batches = [next(loader)["target"][0] for _ in range(12)]
-    assert all(b.shape[0] == 3 and b[2].max() > 0 for b in batches)
-    assert any(b[:2].amax(dim=(1, 2, 3, 4)).min() == 0 for b in batches)  # the first two are not forced
 
 
 def first_batches(folder, seed, workers, n=3):

@@ -12,7 +12,8 @@ from autoseg.training.losses import SegmentationLoss, deep_supervision_weights, 
 from autoseg.labels import label_layout, labels_from_probabilities
 from autoseg.masks import dice_per_label
 from autoseg.training.splits import make_splits
-from autoseg.training.trainer import poly_lr, pseudo_dice
+from autoseg.training.schedule import Schedule
+from autoseg.training.trainer import pseudo_dice
 
 
 @pytest.fixture(autouse=True)
@@ -142,12 +143,14 @@ def test_pseudo_dice_from_counts():
     assert d[3] == 1.0
 
 
-def test_poly_lr():
-    assert poly_lr(0.01, 0.0) == pytest.approx(0.01)
-    assert poly_lr(0.01, 0.5) == pytest.approx(0.01 * 0.5**0.9)
-    assert poly_lr(0.01, 1.0) == 0.0
-    assert poly_lr(0.01, 1.7) == 0.0  # time budget overshoot never goes negative
-    values = [poly_lr(1.0, p) for p in np.linspace(0, 1, 11)]
+def test_poly_decay_of_the_schedule():
+    """The poly decay (formerly ``trainer.poly_lr``) now lives in ``Schedule.lr_at``; same properties."""
+    sched = Schedule("sgd", 0.01, 0, 100, "test")
+    assert sched.lr_at(0, 0.0) == pytest.approx(0.01)
+    assert sched.lr_at(50, 0.5) == pytest.approx(0.01 * 0.5**0.9)
+    assert sched.lr_at(100, 1.0) == 0.0
+    assert sched.lr_at(100, 1.7) == 0.0  # time budget overshoot never goes negative
+    values = [sched.lr_at(10, p) for p in np.linspace(0, 1, 11)]
     assert all(a > b for a, b in zip(values, values[1:]))
 
 

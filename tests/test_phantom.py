@@ -56,8 +56,8 @@ def test_hounsfield_units_are_realistic(small_cases):
     diffs = []
     for img, lab, _ in small_cases:
         liver, kidney = img[lab == 1], img[lab == 3]
-        assert 30 <= np.median(liver) <= 90
-        assert kidney.mean() > liver.mean() + 20
+        assert 85 <= np.median(liver) <= 150  # portal-venous liver (real scan: 118 +- 22 HU)
+        assert kidney.mean() > liver.mean()  # cortex enhances more than liver (partial volume narrows it)
         corners = np.concatenate([img[:, :3, :3], img[:, :3, -3:], img[:, -3:, :3], img[:, -3:, -3:]], axis=None)
         assert np.median(corners) < -900  # air outside the body
         assert img.min() >= -1024 and img.max() > 300  # CT clip; bone present
@@ -65,7 +65,8 @@ def test_hounsfield_units_are_realistic(small_cases):
             if (lab == tumour).any():
                 diffs.append(abs(float(img[lab == tumour].mean()) - float(img[lab == organ].mean())))
     assert len(diffs) >= 6
-    assert np.mean(diffs) >= 5
+    # contrast drawn around the real scan's 48 HU, lowered here by partial volume in small tumours
+    assert 15 <= np.mean(diffs) <= 60
 
 
 def test_tumours_are_clinically_sized():

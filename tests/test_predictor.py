@@ -41,7 +41,8 @@ def fake_predictor(spacing_zyx, mirror=False, n_models=1):
         "configurations": {"3d_fullres": {"dims": 3, "patch_size": [16, 16, 16], "spacing": list(spacing_zyx),
                                           "resampling": RULES}},
     }
-    meta = {"labels": {"background": 0, "lesion": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    meta = {"labels": {"background": 0, "lesion": 1}, "channel_names": {"0": "CT"}, "numTraining": 1,
+            "file_ending": ".nii.gz"}
     return Predictor(plans, meta, "3d_fullres", [Threshold() for _ in range(n_models)], torch.device("cpu"), mirror)
 
 
@@ -151,7 +152,8 @@ def small_plans():
 
 
 def test_predict_precision_flag_fp32_and_auto(roots, small_plans, capsys):
-    meta = {"labels": {"background": 0, "lesion": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    meta = {"labels": {"background": 0, "lesion": 1}, "channel_names": {"0": "CT"}, "numTraining": 1,
+            "file_ending": ".nii.gz"}
     _random_model(roots["AUTOSEG_RESULTS"], small_plans, meta)
     (roots["AUTOSEG_RAW"] / "Dataset501_X").mkdir(parents=True)
     image, _, geo = sphere_image()

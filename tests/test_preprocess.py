@@ -113,10 +113,11 @@ def test_nan_is_rejected():
 def test_foreground_locations_bounded_and_correct():
     _, seg, _ = sphere_case(spacing_zyx=(1.0, 1.0, 1.0))
     fg = foreground_locations(seg, "x", max_per_class=50)
-    assert set(fg) == {"class_1", "class_2"}
-    for key, coords in fg.items():
-        v = int(key.split("_")[1])
+    assert set(fg) == {"class_1", "class_2", "component_1", "component_2"}
+    for v in (1, 2):
+        coords = fg[f"class_{v}"]
         assert coords.dtype == np.uint16 and coords.shape[1] == 3
-        assert len(coords) == min(50, int((seg == v).sum()))
+        assert len(coords) == min(50, int((seg == v).sum()))  # one component each: the whole budget
         assert np.all(seg[tuple(coords.T)] == v)
+        assert fg[f"component_{v}"].tolist() == [1] * len(coords)
     assert all(np.array_equal(fg[k], foreground_locations(seg, "x", 50)[k]) for k in fg)

@@ -1,6 +1,7 @@
 """Tests of autoseg.evaluation.report and rendering: measurements on constructed shapes with known size, and the files the command writes."""
 
 import argparse
+import base64
 import doctest
 import json
 import math
@@ -201,8 +202,9 @@ def test_report_cli_writes_csv_json_html_png(cases, tmp_path, capsys):
     for c in ("a1", "b2"):
         png = out / "overlays" / f"{c}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"src='overlays/{c}.png'" in page
-    assert str(tmp_path) not in page  # links are relative
+        # the page is self-contained: each overlay is embedded as a data URI holding the PNG's bytes
+        assert f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'" in page
+    assert "overlays/" not in page and str(tmp_path) not in page
     assert not any(p.name.startswith(".tmp-") for p in out.rglob("*"))
 
 

@@ -155,8 +155,8 @@ def _pp_under_file(ws: h.Workspace) -> list[str]:
 
 
 def _rerun_with_bad_case(ws: h.Workspace) -> list[str]:
-    """A raw image replaced by a broken one after preprocessing; the fingerprint is reused, so the case fails in
-    preprocessing itself. A valid case deleted at the same time must still be redone."""
+    """A raw image replaced by a broken one after preprocessing: the change is seen (size and mtime), so the
+    fingerprint is recomputed instead of reused, and that names the bad case."""
     for case in ("phantom_002", "phantom_003"):
         for p in (ws.pp / "3d_fullres").glob(f"{case}*"):
             p.unlink()
@@ -166,7 +166,6 @@ def _rerun_with_bad_case(ws: h.Workspace) -> list[str]:
 
 def _rerun_bad_case_written(ws: h.Workspace) -> None:
     folder = ws.pp / "3d_fullres"
-    assert (folder / "phantom_002.json").is_file()  # the valid case is done
     assert not list(folder.glob("phantom_003*"))  # nothing of the bad one
     assert not h.temporaries(folder)
 
@@ -375,7 +374,7 @@ BAD_INPUTS = [
         ("plans.json", "schema_version 99 is not supported", "reads schema_version 1",
          "rerun `autoseg plan_and_preprocess`"), no_checkpoints),
     Bad("train_before_preprocessing", RAW, _train,
-        ("plans.json", "missing or unreadable", "run `autoseg plan_and_preprocess` first"), no_checkpoints),
+        ("plans.json: file not found", "run `autoseg plan_and_preprocess` first"), no_checkpoints),
     Bad("train_continue_without_checkpoint", PP, lambda ws: _train(ws, "--continue"),
         ("fold_0: no checkpoint_latest to continue from", "start without --continue"), no_checkpoints),
     Bad("corrupt_preprocessed_case", PP, _corrupt_preprocessed_case,
@@ -388,11 +387,11 @@ BAD_INPUTS = [
          "flat_0000.nii.gz: image is 2D", "autoseg needs 3D volumes",
          "readme.txt: not an image of the form CASE_XXXX.nii.gz", "4 problem(s)"), _mixed_written),
     Bad("predict_empty_input", TRAINED, _empty_input,
-        ("empty: no images named CASE_XXXX.nii.gz", "nothing to predict"), _no_pred_folder),
+        ("empty: holds no images and no DICOM series", "-i takes a folder of CASE_0000.nii.gz images"), _no_pred_folder),
     Bad("predict_input_missing", TRAINED, lambda ws: _predict(ws, ws.root / "nowhere"),
-        ("nowhere: folder not found", "-i takes the folder holding the images"), _no_pred_folder),
+        ("nowhere: not found", "-i takes a folder of CASE_0000.nii.gz images, a single image file"), _no_pred_folder),
     Bad("predict_input_is_file", TRAINED, _input_is_file,
-        ("a_file: is a file, not a folder", "-i takes the folder"), _no_pred_folder),
+        ("a_file: not an image file", "-i takes a folder", "or a DICOM series folder or zip"), _no_pred_folder),
     Bad("predict_without_checkpoints", TRAINED, _no_checkpoints,
         ("3d_fullres: no checkpoint_final", "trained: none", "train them or pick others with -f"), _no_pred_folder),
     Bad("predict_output_not_writable", TRAINED, _pred_under_file,

@@ -3,7 +3,7 @@
 import pytest
 
 from autoseg.errors import AutosegError
-from autoseg.training.schedule import ADAMW_BELOW_ITERS, DEFAULT_LR, budget_iterations, choose_schedule
+from autoseg.training.schedule import ADAMW_BELOW_ITERS, DEFAULT_LR, Schedule, budget_iterations, choose_schedule
 
 
 def test_short_budget_gets_adamw_with_warmup():
@@ -13,10 +13,10 @@ def test_short_budget_gets_adamw_with_warmup():
     s = choose_schedule(iters)
     assert s.optimizer == "adamw" and s.initial_lr == DEFAULT_LR["adamw"]
     assert s.warmup_iters == 46  # 5% of the run
-    assert s.lr_at(0) == pytest.approx(DEFAULT_LR["adamw"] * (0.1 + 0.9 / 46))
-    assert s.lr_at(45) == pytest.approx(DEFAULT_LR["adamw"])
-    assert s.lr_at(46) < s.lr_at(45)
-    assert s.lr_at(923) == 0.0
+    assert s.lr_at(0, 0.0) == pytest.approx(DEFAULT_LR["adamw"] * (0.1 + 0.9 / 46))
+    assert s.lr_at(45, 45 / 923) == pytest.approx(DEFAULT_LR["adamw"])
+    assert s.lr_at(46, 46 / 923) < s.lr_at(45, 45 / 923)
+    assert s.lr_at(923, 1.0) == 0.0
     assert "923 iterations" in s.reason
 
 
@@ -24,15 +24,24 @@ def test_long_budget_gets_sgd_without_warmup():
     iters = budget_iterations(24 * 3600, 0.25, 1000 * 250)
     s = choose_schedule(iters)
     assert iters >= ADAMW_BELOW_ITERS and s.optimizer == "sgd" and s.warmup_iters == 0
-    assert s.lr_at(0) == DEFAULT_LR["sgd"]
+    assert s.lr_at(0, 0.0) == DEFAULT_LR["sgd"]
 
 
-def test_no_budget_uses_the_epoch_cap_and_time_advances_the_decay():
+def test_no_budget_uses_the_epoch_cap_and_progress_drives_the_decay():
     assert budget_iterations(None, 0.5, 5000) == 5000
     assert budget_iterations(600, float("nan"), 5000) == 5000
     s = choose_schedule(5000)
-    assert s.lr_at(1000, time_fraction=0.99) < s.lr_at(1000, time_fraction=0.0)
-    assert s.lr_at(1000, time_fraction=1.0) == 0.0
+    assert s.lr_at(1000, 0.99) < s.lr_at(1000, 0.2) < s.lr_at(1000, 0.0) == s.initial_lr
+    assert s.lr_at(1000, 1.0) == 0.0 and s.lr_at(1000, 1.7) == 0.0
+
+
+def test_saved_schedule_round_trip_and_validation():
+    s = choose_schedule(700)
+    assert Schedule.from_json(s.to_json()) == s
+    for bad in ({}, {**s.to_json(), "optimizer": "lion"}, {**s.to_json(), "initial_lr": "nan"},
+                {**s.to_json(), "warmup_iters": -3}):
+        with pytest.raises(AutosegError, match="without --continue"):
+            Schedule.from_json(bad)
 
 
 def test_user_choice_wins_and_bad_values_are_refused():

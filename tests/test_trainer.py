@@ -5,6 +5,7 @@ stage of ``train_fold`` runs for real (sampling, augmentation, deep-supervised l
 sliding-window validation restored to the original grid) at a cost a laptop CPU can take in a test.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -22,21 +23,24 @@ from safetensors.torch import load_file
 
 import autoseg.training.trainer as trainer
 from autoseg.cli import main
-from autoseg.training.data import BatchLoader, region_targets
+from autoseg.training.data import BatchLoader, region_targets, sampling_index
+from autoseg.training.sampling import class_shares
 from autoseg.errors import AutosegError
 from autoseg.labels import label_layout
 from autoseg.network import build_network, ds_scales
 from autoseg.layout import Roots
 from autoseg.phantom import write_dataset
 from autoseg.schemas import validate
-from autoseg.training.trainer import TrainOptions, poly_lr, train_fold
+from autoseg.training.schedule import DEFAULT_LR, choose_schedule
+from autoseg.training.trainer import TrainOptions, train_fold
 
 NAME = "Dataset501_AbdomenPhantom"
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]], "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
             "convs_per_stage": 2, "deep_supervision": True, "encoder": "plain"}
-LOG_KEYS = {"epoch", "train_loss", "val_loss", "pseudo_dice", "ema_dice", "lr", "epoch_s"}
-QUICK = dict(device="cpu", num_workers=0)
+LOG_KEYS = {"epoch", "train_loss", "val_loss", "pseudo_dice", "ema_dice", "lr", "epoch_s", "iterations"}
+# fp32: two separate runs compared bit by bit must not depend on a timing measurement (precision "auto")
+QUICK = dict(device="cpu", num_workers=0, precision="fp32")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,7 +137,13 @@ def test_train_loss_decreases(trained):
     losses = [r["train_loss"] for r in log]
     assert all(math.isfinite(v) and v > 0 for v in losses)
     assert losses[-1] < losses[0], losses
-    assert [r["lr"] for r in log] == pytest.approx([poly_lr(opts.initial_lr, e / opts.epochs) for e in range(3)])
+    schedule = choose_schedule(30)  # 3 epochs x 10 iterations: AdamW, a 1-iteration warm-up
+    assert schedule.optimizer == "adamw"
+    assert [r["lr"] for r in log] == pytest.approx([schedule.lr_at(10 * e, e / 3) for e in range(3)])
+    assert [r["iterations"] for r in log] == [10, 20, 30]
+    setup = json.loads((out / "training_setup.json").read_text())
+    assert setup["precision"]["mode"] == "fp32" and setup["schedule"]["optimizer"] == "adamw"
+    assert setup["estimate"]["iterations"] == 30
 
 
 def test_checkpoints_and_log(trained):
@@ -233,8 +243,8 @@ def test_adamw_runs_and_continue_keeps_the_optimizer(phantom6, tmp_path):
     opts = dict(iters_per_epoch=2, val_iters=1, validate=False, optimizer="adamw", **QUICK)
     out = train_fold(NAME, "3d_fullres", 4, TrainOptions(epochs=1, **opts), roots)
     state = torch.load(out / "checkpoint_latest.state.pt", map_location="cpu", weights_only=True)
-    assert state["optimizer_name"] == "adamw" and "exp_avg" in state["optimizer"]["state"][0]
-    assert read_log(out)[0]["lr"] == pytest.approx(trainer.DEFAULT_LR["adamw"])
+    assert state["setup"]["schedule"]["optimizer"] == "adamw" and "exp_avg" in state["optimizer"]["state"][0]
+    assert read_log(out)[0]["lr"] == pytest.approx(DEFAULT_LR["adamw"])
     with pytest.raises(AutosegError, match="--optimizer adamw"):
         train_fold(NAME, "3d_fullres", 4, TrainOptions(epochs=2, continue_training=True, **{**opts, "optimizer": "sgd"}),
                    roots)
@@ -260,7 +270,7 @@ def test_overfits_a_single_case(tmp_path, monkeypatch):
         return BatchLoader(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "BatchLoader", no_augmentation)
-    opts = TrainOptions(epochs=4, iters_per_epoch=25, val_iters=1, lr=0.2, momentum=0.9, **QUICK)
+    opts = TrainOptions(epochs=4, iters_per_epoch=25, val_iters=1, optimizer="sgd", lr=0.2, momentum=0.9, **QUICK)
     out = train_fold(NAME, "3d_fullres", "all", opts, roots)
     summary = json.loads((out / "validation" / "summary.json").read_text())
     liver = summary["dice_per_case"]["phantom_000"]["1"]
@@ -427,8 +437,10 @@ def test_region_based_training(tmp_path):
     folder = roots.preprocessed / NAME / "3d_fullres"
     ids = ["phantom_000", "phantom_001"]
     scales = ds_scales(config)
-    loader = BatchLoader(folder, ids, config, scales, 2, 5, 0, False, REGIONS, oversample_fg=1.0)
-    plain = BatchLoader(folder, ids, config, scales, 2, 5, 0, False, None, oversample_fg=1.0)
+    index = sampling_index(folder, ids, [])
+    always_foreground = dataclasses.replace(index, shares=class_shares(list(index.components), [], random_share=0.0))
+    loader = BatchLoader(folder, ids, config, scales, 2, 5, 0, False, REGIONS, always_foreground)
+    plain = BatchLoader(folder, ids, config, scales, 2, 5, 0, False, None, always_foreground)
     try:
         batch, labels = next(loader), next(plain)
     finally:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ..bundle import DEFAULT_MAX_BYTES, FINAL, MANIFEST, fold_sort_key, import_bundle, write_bundle
-from ..errors import AutosegError
+from ..jsonfile import read_json
 from ..layout import FINGERPRINT_JSON, dataset_name
-from .common import env_roots
+from .common import env_roots, positive_float
 
 
 def _summary(selection: dict[str, list[str]]) -> str:
@@ -38,11 +37,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     """Run ``autoseg import``; returns the exit status."""
-    if args.max_gb <= 0:
-        raise AutosegError(f"--max-gb must be positive, found {args.max_gb}")
     roots = env_roots()
     folder = import_bundle(args.bundle, roots.results, max_bytes=int(args.max_gb * 2**30), overwrite=args.overwrite)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json(folder / MANIFEST, "import the bundle again with --overwrite")
     folds: dict[str, list[str]] = {}
     for rel in manifest["files"]:
         parts = rel.split("/")
@@ -80,7 +77,7 @@ def add_cli(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.Argument
     q.add_argument("bundle", type=Path, metavar="ZIP", help="model bundle written by autoseg export")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing AUTOSEG_RESULTS/DATASET (the old folder is deleted after the swap)")
-    q.add_argument("--max-gb", type=float, default=DEFAULT_MAX_BYTES / 2**30,
+    q.add_argument("--max-gb", type=positive_float("4"), default=DEFAULT_MAX_BYTES / 2**30,
                    help=f"refuse bundles that unpack to more than this many GiB "
                    f"(default {DEFAULT_MAX_BYTES // 2**30})")
     q.set_defaults(func=run_import)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+from typing import Any, Callable
 
 from ..layout import Roots
 
@@ -17,26 +19,62 @@ def env_roots() -> Roots:
     return Roots.from_env(os.environ)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
+def _number(cast: Callable[[str], float], text: str, ok: Callable[[float], bool], expected: str,
+            example: str) -> Any:
+    """``cast(text)`` when finite and ``ok``, else an argparse error (argparse prefixes the flag) naming the value,
+    what is expected and an example: the one check every numeric flag goes through."""
     try:
-        v = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}; give e.g. {example}")
+    return value
+
+
+def bounded_int(low: int, high: int | None = None, example: str = "1") -> Callable[[str], int]:
+    """argparse type: a whole number in [low, high] (no upper bound when ``high`` is None)."""
+    expected = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "")
+    return lambda text: _number(int, text, lambda v: v >= low and (high is None or v <= high), expected, example)
+
+
+positive_int = bounded_int(1)
+non_negative_int = bounded_int(0, example="0")
+
+
+def positive_float(example: str) -> Callable[[str], float]:
+    """argparse type: a finite number > 0."""
+    return lambda text: _number(float, text, lambda v: v > 0, "a finite number > 0", example)
 
 
 def tolerance(text: str) -> float:
     """argparse type: a finite distance >= 0 in mm."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a distance in mm, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"tolerance must be finite and >= 0 mm, got {v}")
-    return v
+    return _number(float, text, lambda v: v >= 0, "a finite distance >= 0 mm", "1")
+
+
+def learning_rate(text: str) -> float:
+    """argparse type: an initial learning rate, finite and in (0, 10) (NaN or 0 would train nothing, silently)."""
+    return _number(float, text, lambda v: 0 < v < 10, "a learning rate > 0 and < 10", "0.01 (SGD) or 0.003 (AdamW)")
+
+
+def step_fraction(text: str) -> float:
+    """argparse type: the sliding-window step as a fraction of the patch, in (0, 1]: 0 never advances, more than
+    1 leaves voxels between tiles uncovered."""
+    return _number(float, text, lambda v: 0 < v <= 1, "a fraction of the patch > 0 and <= 1", "0.5")
+
+
+def folder_name(text: str) -> str:
+    """argparse type: one plain folder name (it becomes a folder: no '/', no '..', no leading '.' or '-')."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain folder name; give e.g. Dataset501_Abdomen")
+    return text
+
+
+def fold_name(text: str) -> str:
+    """argparse type: a fold id, a number or ``all`` (it becomes a folder name, fold_<id>)."""
+    if not (text.isdigit() and len(text) <= 3) and text != "all":
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fold; give a fold number such as 0 or 'all'")
+    return text
 
 
 def add_label_flags(p: argparse.ArgumentParser, fallback: str = "the input folder") -> None:
@@ -55,5 +93,5 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
                    help="what training will run on: gpu fits patch and batch to --gpu-memory-gb; cpu sizes the "
                    "network for compute (8 base features, ~64^3 patch); auto picks gpu if CUDA is available")
-    p.add_argument("--gpu-memory-gb", type=float, default=8.0,
+    p.add_argument("--gpu-memory-gb", type=positive_float("8"), default=8.0,
                    help="training memory budget the patch and batch size are fitted to (default 8)")

@@ -32,6 +32,10 @@ def add_evaluate_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="where to write evaluation.csv, lesions.csv and summary.json (default: PRED_DIR)")
     p.add_argument("--tolerance-mm", type=tolerance, default=1.0,
                    help="surface Dice tolerance in mm (default 1.0)")
+    p.add_argument("--surface-dice", choices=["voxel", "kits"], default="voxel",
+                   help="kits: also the KiTS21/23 official Dice and area-weighted surface Dice of kidney+masses, "
+                   "masses and tumour at the challenges' tolerances (needs autoseg[kits]); voxel: only autoseg's "
+                   "voxel-count surface Dice at --tolerance-mm (default)")
     p.add_argument("-np", "--num-workers", type=positive_int, default=DEFAULT_WORKERS,
                    help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
     p.set_defaults(func=run_evaluate)
@@ -41,7 +45,7 @@ def add_evaluate_cli(subparsers: Any) -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``autoseg evaluate``; returns the exit status."""
     summary, out = pipeline.evaluate(env_roots(), args.ref, args.pred, args.output, args.dataset, args.labels,
-                                     args.tolerance_mm, args.num_workers)
+                                     args.tolerance_mm, args.num_workers, args.surface_dice == "kits")
     print(format_summary(summary))
     if summary["unmatched_predictions"]:
         print(f"\nignored {len(summary['unmatched_predictions'])} prediction(s) without a reference: "

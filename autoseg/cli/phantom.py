@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..phantom import DEFAULT_NAME, SIZES, write_dataset
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, found {value}")
-        return value
-
-    return parse
+from .common import bounded_int, folder_name
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -31,14 +19,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                    help="folder to write into; the dataset goes to DIR/<name>/")
-    p.add_argument("--cases", type=_count(1), default=8, metavar="N", help="number of training cases (default 8)")
-    p.add_argument("--test-cases", type=_count(0), default=0, metavar="N",
+    p.add_argument("--cases", type=bounded_int(1, 10_000, "8"), default=8, metavar="N", help="number of training cases (default 8)")
+    p.add_argument("--test-cases", type=bounded_int(0, 10_000, "2"), default=0, metavar="N",
                    help="number of test cases, written with labels to imagesTs/ and labelsTs/ (default 0)")
-    p.add_argument("--seed", type=_count(0), default=0, metavar="S",
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1, "0"), default=0, metavar="S",
                    help="dataset seed; the same seed writes the same files (default 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="small: ~60x60x32 voxels, for tests; demo: ~128x128x64, for the demo (default small)")
-    p.add_argument("--name", default=DEFAULT_NAME, metavar="NAME",
+    p.add_argument("--name", type=folder_name, default=DEFAULT_NAME, metavar="NAME",
                    help=f"dataset folder name (default {DEFAULT_NAME})")
     p.set_defaults(func=run_cli)
     return p

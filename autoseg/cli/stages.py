@@ -4,20 +4,20 @@ apply_postprocessing. Each parses its flags and calls the matching :mod:`autoseg
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from .. import pipeline
 from ..atomic import write_json
-from ..errors import AutosegError
+from ..jsonfile import read_json
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
 from ..planning.planner import plan
 from ..precision import PRECISIONS
-from ..schemas import validate
 from ..training.trainer import TrainOptions
-from .common import CONFIGURATIONS, add_device_flags, env_roots
+from .common import (
+    CONFIGURATIONS, add_device_flags, bounded_int, env_roots, fold_name, learning_rate, positive_float, step_fraction,
+)
 
 
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
@@ -35,11 +35,8 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    try:
-        fingerprint = json.loads(Path(args.fingerprint).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{args.fingerprint}: cannot read fingerprint JSON ({e})") from None
-    validate(fingerprint, "fingerprint", args.fingerprint)
+    fingerprint = read_json(args.fingerprint, "-f takes a fingerprint.json written by `autoseg plan_and_preprocess`",
+                            "fingerprint")
     write_json(args.output, plan(fingerprint, args.gpu_memory_gb, pipeline.planning_device(args.device)))
     print(f"wrote {args.output}")
     return 0
@@ -49,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
         time_budget_min=args.time_budget, device=args.device, encoder=args.encoder, seed=args.seed,
-        optimizer=args.optimizer, lr=args.lr,
+        optimizer=args.optimizer, lr=args.lr, precision=args.precision,
         continue_training=args.continue_training, validate=args.validate, num_workers=args.num_workers,
         save_probabilities=args.save_probabilities,
     )
@@ -106,7 +103,7 @@ def add_cli(sub: Any) -> None:
         help="configurations to preprocess (default: all planned; 2d and 3d_cascade reuse the 3d_fullres data, "
         "3d_cascade also needs its 3d_lowres stage)",
     )
-    p.add_argument("-np", "--num-workers", type=int, default=DEFAULT_WORKERS,
+    p.add_argument("-np", "--num-workers", type=bounded_int(1, 256, "2"), default=DEFAULT_WORKERS,
                    help=f"worker processes, one case each in memory (default {DEFAULT_WORKERS})")
     p.add_argument("--verify", action="store_true",
                    help="check every file first (geometry, labels, NaN, dimensionality) and report all problems")
@@ -130,11 +127,11 @@ def add_cli(sub: Any) -> None:
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=CONFIGURATIONS,
                    help="planned configuration to train (default 3d_fullres)")
     p.add_argument("-f", "--fold", required=True, choices=["0", "1", "2", "3", "4", "all"],
-                   help="cross-validation fold 0-4 (splits.json, fixed seed, user-editable) or 'all' cases")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs (default 1000)")
-    p.add_argument("--iters-per-epoch", type=int, default=250, help="training iterations per epoch (default 250)")
-    p.add_argument("--val-iters", type=int, default=50, help="validation patches batches per epoch (default 50)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="cross-validation fold 0-4 (splits.json: nnU-Net v2's folds, user-editable) or 'all' cases")
+    p.add_argument("--epochs", type=bounded_int(1, example="50"), default=1000, help="epochs (default 1000)")
+    p.add_argument("--iters-per-epoch", type=bounded_int(1, example="250"), default=250, help="training iterations per epoch (default 250)")
+    p.add_argument("--val-iters", type=bounded_int(1, example="50"), default=50, help="validation patches batches per epoch (default 50)")
+    p.add_argument("--time-budget", type=positive_float("30"), default=None, metavar="MINUTES",
                    help="stop after this many minutes of training; the learning-rate schedule is scaled to it")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from checkpoint_latest (same optimizer, schedule, RNG and epoch)")
@@ -142,13 +139,18 @@ def add_cli(sub: Any) -> None:
                    help="where to train (default: cuda if available)")
     p.add_argument("--encoder", choices=["plain", "residual"], default=None,
                    help="override the plan's encoder (residual: ResEnc-style residual blocks)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and data sampling (default 0)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd: Nesterov, momentum 0.99, the nnU-Net choice for full-length runs (default); adamw: "
-                   "reaches usable Dice in far fewer iterations, for budgets of minutes (the CPU demo)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1, "0"), default=0,
+                   help="seed for weights and data sampling (default 0)")
+    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default="auto",
+                   help="auto (default): AdamW with warm-up when the budget holds fewer than 20,000 iterations "
+                   "(estimated from the measured step time), else SGD Nesterov as nnU-Net; sgd or adamw force one")
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="initial learning rate, decayed by the poly schedule (default: 0.01 for sgd, 0.003 for adamw)")
-    p.add_argument("--num-workers", type=int, default=None,
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): time a few real steps in float32 and, where the hardware has it, bfloat16 "
+                   "(fp16 on GPUs without bf16), with and without channels-last, and train in the fastest sound one; "
+                   "the others force a mode (fp16 only on CUDA)")
+    p.add_argument("--num-workers", type=bounded_int(0, 64, "2"), default=None,
                    help="background data-loading processes (default: cores - 2, at most 8; 0 = in-process)")
     p.add_argument("--no-validation", dest="validate", action="store_false",
                    help="skip predicting the fold's validation cases at the end")
@@ -158,20 +160,23 @@ def add_cli(sub: Any) -> None:
 
     p = sub.add_parser(
         "predict", help="segment a folder of images with a trained model",
-        description="Predict every CASE_XXXX image in a folder. Default model: the inference_plan.json written by "
+        description="Predict every image of a folder, a single image file, or a DICOM series folder or zip. "
+        "Default model: the inference_plan.json written by "
         "find_best_configuration, else 3d_fullres with every trained fold. Finished cases are skipped unless "
         "--overwrite; bad cases are reported by name and the exit code is non-zero.",
     )
-    p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
+    p.add_argument("-i", "--input", required=True,
+                   help="a folder of images (CASE_0000.nii.gz, ...; any name for one-channel models), one image "
+                   "file, or a DICOM series folder or zip (one output per SeriesInstanceUID)")
     p.add_argument("-o", "--output", required=True, help="folder for the label maps (created)")
     p.add_argument("-d", "--dataset", help="dataset id or name whose trained models to use")
     p.add_argument("-m", "--model", help="a model bundle (.zip from `autoseg export`) instead of -d")
     p.add_argument("-c", "--configuration", choices=CONFIGURATIONS,
                    help="configuration to use (default: inference_plan.json, else 3d_fullres)")
-    p.add_argument("-f", "--folds", nargs="+", help="folds to average (default: every trained fold)")
+    p.add_argument("-f", "--folds", nargs="+", type=fold_name, help="folds to average (default: every trained fold)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster in 3D)")
     p.add_argument("--fast", action="store_true", help="one fold, no mirroring, step 0.75: fastest, a little less accurate")
-    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch (0.5)")
+    p.add_argument("--step", type=step_fraction, default=0.5, help="sliding-window step as a fraction of the patch (0.5)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with float16 probabilities and geometry (for `autoseg ensemble`)")
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing of inference_plan.json")

@@ -33,6 +33,7 @@ from ..io.images import Geometry, read_header, read_image
 from ..labels import LabelSpec, check_labels
 from ..masks import join_boxes, label_boxes
 from ..parallel import map_cases
+from .kits import kits_metrics, kits_regions, summarize_kits
 from .lesions import IOU_THRESHOLD, detection_stats, lesions_in_box
 from .metrics import COUNT_KEYS, DISTANCE_KEYS, METRIC_KEYS, as_labels, binary_metrics, check_spacing
 
@@ -173,6 +174,7 @@ class _CaseTask:
     regions: tuple[tuple[str, tuple[int, ...]], ...] | None
     tumour_labels: tuple[int, ...] | None
     tolerance_mm: float
+    kits: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def __str__(self) -> str:  # map_cases names the item in a memory error
         return f"case {self.case}"
@@ -204,6 +206,8 @@ def _evaluate_task(task: _CaseTask) -> dict[str, Any]:
     except ValueError as e:
         raise AutosegError(f"case {task.case} ({task.pred} vs {task.ref}): {e}") from None
     result["case"] = task.case
+    if task.kits is not None:
+        result["kits"] = kits_metrics(pred, ref, ref_geo.spacing_zyx, dict(task.kits))
     return result
 
 
@@ -242,6 +246,7 @@ def evaluate_folders(
     tumour_labels: Sequence[int] | None = None,
     progress: bool = True,
     return_lesions: bool = False,
+    kits: bool = False,
 ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
     """Evaluate every reference case ``REF_DIR/CASE<file_ending>`` against ``PRED_DIR/CASE<file_ending>``.
 
@@ -256,7 +261,9 @@ def evaluate_folders(
         Long format: one row per (case, structure), columns ``case, structure, kind, values`` and every metric
         of :func:`binary_metrics`.
     summary : dict
-        :func:`summarize`, plus ``cases`` and ``unmatched_predictions``.
+        :func:`summarize`, plus ``cases`` and ``unmatched_predictions``; with ``kits``, also ``kits``: the KiTS
+        challenges' Dice and area-weighted surface Dice per class (:mod:`autoseg.evaluation.kits`), per case and
+        averaged.
     lesions : pandas.DataFrame
         Only when ``return_lesions``: one row per lesion.
     """
@@ -266,6 +273,7 @@ def evaluate_folders(
             raise AutosegError(f"{folder}: {what} folder not found")
     checked = check_labels(labels)
     LabelSpec(checked).structures(regions)  # fail early on bad labels/regions
+    kits_classes = tuple((n, v) for n, v in kits_regions(checked).items()) if kits else None
     refs, preds = case_files(ref_dir, file_ending), case_files(pred_dir, file_ending)
     if not refs:
         raise AutosegError(f"{ref_dir}: holds no reference label file CASE{file_ending}; is file_ending right?")
@@ -292,7 +300,7 @@ def evaluate_folders(
                 (n, list(v) if isinstance(v, tuple) else v) for n, v in checked.items()),
             regions=None if regions is None else tuple((n, tuple(v)) for n, v in regions.items()),
             tumour_labels=None if tumour_labels is None else tuple(int(v) for v in tumour_labels),
-            tolerance_mm=float(tolerance_mm),
+            tolerance_mm=float(tolerance_mm), kits=kits_classes,
         )
         for c in sorted(refs)
     ]
@@ -305,6 +313,11 @@ def evaluate_folders(
     summary = summarize(per_case, lesions, len(results), tolerance_mm)
     summary["cases"] = [r["case"] for r in results]
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
+    if kits:
+        summary["kits"] = {"classes": summarize_kits([r["kits"] for r in results]),
+                           "per_case": {r["case"]: r["kits"] for r in results},
+                           "definition": "KiTS21/23 official: Dice and area-weighted surface Dice (DeepMind "
+                           "surface-distance, via MONAI) per hierarchical class at the challenges' tolerances"}
     return (per_case, summary, lesions) if return_lesions else (per_case, summary)
 
 
@@ -337,4 +350,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"{_fmt(d['false_positives_per_case'], '.2f'):>7}"
             )
         lines.append("recall/precision/F1 at IoU > 0.5 unless marked (any) = any overlap")
+    if summary.get("kits"):
+        lines += ["", f"{'KiTS class':<22} {'Dice':>6} {'surf.Dice':>9} {'tol. mm':>8}   (KiTS21/23 official)"]
+        for name, k in summary["kits"]["classes"].items():
+            lines.append(f"{name:<22} {_fmt(k['dice_mean']):>6} {_fmt(k['surface_dice_mean']):>9} "
+                         f"{k['tolerance_mm']:>8.4f}")
     return "\n".join(lines)

@@ -121,8 +121,9 @@ def number_text(v: Any, spec: str) -> str:
 
 
 def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: Mapping[str, str]) -> None:
-    """One HTML page: a table of all cases, then per case its lesions and overlay (``images``: case -> relative
-    link)."""
+    """One self-contained HTML page: a table of all cases, then per case its structures' HU statistics (when the
+    report had images), its lesions and its overlay (``images``: case -> the ``src`` of its overlay, a data URI so
+    the page travels as one file)."""
     e = html.escape
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>autoseg report</title><style>",
            "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;margin:.5em 0}"
@@ -143,14 +144,27 @@ def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: M
         out.append("</table>")
     for rep in reports:
         out.append(f"<h2 id='{e(rep['case'])}'>{e(rep['case'])}</h2>")
+        hu = rep.get("intensity_hu") or {}
+        if hu:
+            out.append("<table><tr><th>structure</th><th>volume mL</th><th>HU mean</th><th>HU median</th>"
+                       "<th>HU 5th-95th percentile</th></tr>")
+            for name, st in hu.items():
+                out.append(f"<tr><td>{e(name)}</td><td>{number_text(rep['volumes_ml'][name], '.1f')}</td>"
+                           f"<td>{number_text(st['hu_mean'], '.1f')}</td><td>{number_text(st['hu_median'], '.1f')}"
+                           f"</td><td>{number_text(st['hu_p5'], '.0f')} to "
+                           f"{number_text(st['hu_p95'], '.0f')}</td></tr>")
+            out.append("</table>")
         if rep["lesions"]:
             out.append("<table><tr><th>lesion</th><th>volume mL</th><th>max axial diameter mm</th>"
-                       "<th>slice</th><th>centroid x, y, z mm (LPS)</th></tr>")
+                       "<th>slice</th><th>centroid x, y, z mm (LPS)</th>" + ("<th>HU mean</th><th>HU median</th>"
+                                                                             if hu else "") + "</tr>")
             for les in rep["lesions"]:
                 c = ", ".join(f"{v:.1f}" for v in les["centroid_world_mm"])
+                stats = (f"<td>{number_text(les['hu_mean'], '.1f')}</td><td>{number_text(les['hu_median'], '.1f')}"
+                         "</td>") if hu else ""
                 out.append(f"<tr><td>{e(les['structure'])} {les['lesion']}</td><td>{les['volume_ml']:.2f}</td>"
                            f"<td>{les['max_axial_diameter_mm']:.1f}</td><td>{les['axial_slice']}</td>"
-                           f"<td>{c}</td></tr>")
+                           f"<td>{c}</td>{stats}</tr>")
             out.append("</table>")
         else:
             out.append("<p>no tumour</p>")

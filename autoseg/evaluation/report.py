@@ -13,6 +13,9 @@ Measurements (pure functions, no I/O)
   pixel. The diameter is the largest distance between the convex-hull vertices of
   those points, with the in-plane spacing applied (direction cosines are orthonormal, so index-space distances
   scaled by spacing are physical distances).
+* Intensity statistics (with the CT image, as TotalSegmentator's ``--statistics``): mean, median and the 5th and
+  95th percentiles of the image (HU) over each structure's voxels and each lesion's, linear-interpolated
+  percentiles as numpy's default; NaN for an empty structure.
 * Centroid: mean voxel index, mapped to ITK/LPS physical coordinates (mm) with the image geometry,
   ``origin + D @ (spacing * index_xyz)``, as ``TransformContinuousIndexToPhysicalPoint`` does.
 * Tumour burden of an organ: tumour volume / (organ volume + tumour volume), where the organ label excludes its
@@ -22,17 +25,17 @@ Measurements (pure functions, no I/O)
 Outputs of ``autoseg report`` (in ``-o``): ``report.csv`` (one row per case), ``report_lesions.csv`` (one row per
 lesion), ``report.json`` (everything, NaN as null), ``overlays/CASE.png`` (axial slices through the largest lesions,
 labels over the CT in an abdominal window W400/L40, or over black without ``-images``; shown in radiological
-convention when the direction is axis-aligned: patient right on the image left, anterior up) and ``report.html``
-linking them relatively.
+convention when the direction is axis-aligned: patient right on the image left, anterior up) and ``report.html``, a
+single self-contained file with the overlays embedded (base64 data URIs), to send on as it is.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import quote
 
 import numpy as np
 from scipy import ndimage
@@ -134,8 +137,25 @@ def index_to_world(index_zyx: Sequence[float], geometry: Geometry) -> tuple[floa
     return tuple(float(v) for v in p)
 
 
+HU_STATISTICS = ("hu_mean", "hu_median", "hu_p5", "hu_p95")
+
+
+def intensity_statistics(values: np.ndarray) -> dict[str, float]:
+    """Mean, median, 5th and 95th percentile of the image values of one structure (NaN when it is empty).
+
+    >>> intensity_statistics(np.arange(101.0))
+    {'hu_mean': 50.0, 'hu_median': 50.0, 'hu_p5': 5.0, 'hu_p95': 95.0}
+    """
+    if values.size == 0:
+        return {k: math.nan for k in HU_STATISTICS}
+    v = np.asarray(values, dtype=np.float64)
+    p5, p50, p95 = np.percentile(v, [5, 50, 95])
+    return {"hu_mean": float(v.mean()), "hu_median": float(p50), "hu_p5": float(p5), "hu_p95": float(p95)}
+
+
 def lesion_measurements(
-    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None
+    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None,
+    image: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Every tumour lesion of a label map: volume, maximal axial diameter and centroid.
 
@@ -146,6 +166,8 @@ def lesion_measurements(
         The label map's geometry (spacing, origin, direction in ITK x, y, z order).
     label_map : dict, optional
         ``dataset.json`` labels (default :data:`DEFAULT_LABELS`); tumour labels are those named ``X_tumor``.
+    image : ndarray, (Z, Y, X), optional
+        The CT on the same grid; adds :func:`intensity_statistics` (``hu_mean``, ...) per lesion.
 
     Returns
     -------
@@ -202,13 +224,18 @@ def lesion_measurements(
                 "centroid_index": [round(float(c), 3) for c in centroid],
                 "centroid_world_mm": [round(c, 3) for c in index_to_world(centroid, geometry)],
             })
+            if image is not None:
+                region = tuple(slice(a.start + o.start, a.start + o.stop) for a, o in zip(box, cbox))
+                out[-1].update(intensity_statistics(image[region][cc[cbox] == k + 1]))
     return out
 
 
 def case_report(
-    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None, case_id: str = ""
+    labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None, case_id: str = "",
+    image: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Volumes, tumour counts and burden, and lesion measurements of one predicted label map.
+    """Volumes, tumour counts and burden, and lesion measurements of one predicted label map; with the CT
+    ``image`` (same grid) also ``intensity_hu``: :func:`intensity_statistics` per single-value label, and per lesion.
 
     Returns
     -------
@@ -232,7 +259,7 @@ def case_report(
     named = {n: v for n, v in checked.items() if isinstance(v, int) and v != 0}
     counts = np.bincount(labels.ravel(), minlength=max(named.values(), default=0) + 1)
     volumes = {n: float(counts[v] * voxel_ml) for n, v in named.items()}
-    lesions = lesion_measurements(labels, geometry, label_map)
+    lesions = lesion_measurements(labels, geometry, label_map, image)
     tumour_count: dict[str, int] = {}
     tumour_volume: dict[str, float] = {}
     burden: dict[str, float] = {}
@@ -241,9 +268,15 @@ def case_report(
         tumour_volume[organ] = tumour_volume.get(organ, 0.0) + volumes[name]
         whole = tumour_volume[organ] + (volumes[organ] if organ_value else 0.0)
         burden[organ] = tumour_volume[organ] / whole if whole > 0 else math.nan
+    intensity = {}
+    if image is not None:
+        if tuple(np.shape(image)) != tuple(labels.shape):
+            raise ValueError(f"image shape {np.shape(image)} differs from the labels' {labels.shape}")
+        intensity = {n: intensity_statistics(np.asarray(image)[labels == v]) for n, v in named.items()}
     return {
         "case": case_id,
         "volumes_ml": volumes,
+        "intensity_hu": intensity,
         "tumour_count": tumour_count,
         "tumour_volume_ml": tumour_volume,
         "tumour_burden": burden,
@@ -261,6 +294,7 @@ def _csv_row(rep: Mapping[str, Any]) -> dict[str, Any]:
     row.update({f"{n}_ml": v for n, v in rep["volumes_ml"].items()})
     row.update({f"n_{organ}_tumours": n for organ, n in rep["tumour_count"].items()})
     row.update({f"{organ}_tumour_burden": b for organ, b in rep["tumour_burden"].items()})
+    row.update({f"{n}_{k}": v for n, stats in rep["intensity_hu"].items() for k, v in stats.items()})
     row["largest_axial_diameter_mm"] = max((les["max_axial_diameter_mm"] for les in rep["lesions"]), default=0.0)
     return row
 
@@ -302,7 +336,7 @@ def _report_task(task: _ReportTask) -> dict[str, Any]:
             raise AutosegError(problem.replace("reference", "image") + "; the prediction must lie on its image's grid")
     label_map = dict(task.label_map)
     try:
-        rep = case_report(labels, geometry, label_map, task.case)
+        rep = case_report(labels, geometry, label_map, task.case, image)
     except ValueError as e:
         raise AutosegError(f"{task.pred}: {e}") from None
     render_montage(task.png, labels, geometry, rep["lesions"], image, label_map, title=task.case)
@@ -354,7 +388,8 @@ def report_folder(
     reports = [rep for rep, _ in outcomes]
     write_csv(out_dir / "report.csv", pd.DataFrame([_csv_row(r) for r in reports]))
     lesion_columns = ["case", "structure", "organ", "lesion", "voxels", "volume_ml", "equivalent_diameter_mm",
-                      "max_axial_diameter_mm", "axial_slice", "centroid_index", "centroid_world_mm"]
+                      "max_axial_diameter_mm", "axial_slice", "centroid_index", "centroid_world_mm",
+                      *(HU_STATISTICS if image_dir is not None else ())]
     write_csv(out_dir / "report_lesions.csv",
               pd.DataFrame([row for r in reports for row in _lesion_rows(r)], columns=lesion_columns))
     write_json(out_dir / "report.json", json_safe({
@@ -366,7 +401,11 @@ def report_folder(
             "between pixel-edge midpoints (edge to edge)",
             "centroid_world_mm": "mean voxel index mapped to ITK/LPS physical coordinates (x, y, z)",
             "lesion": "26-connected component of a tumour label, 1 = largest",
+            "intensity_hu": "mean, median, 5th and 95th percentile of the CT (HU) over the structure's voxels "
+            "(with -images; per lesion too)",
         },
     }))
-    write_html(out_dir / "report.html", reports, {c: "overlays/" + quote(f"{c}.png") for c in cases})
+    write_html(out_dir / "report.html", reports,
+               {c: "data:image/png;base64," + base64.b64encode(Path(t.png).read_bytes()).decode("ascii")
+                for c, t in zip(cases, tasks)})
     return reports

@@ -16,11 +16,10 @@ its own sliding window only inside boxes around the stage-1 foreground (:mod:`au
 from __future__ import annotations
 
 import itertools
-import json
 import resource
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,16 +29,20 @@ from tqdm import tqdm
 from ..atomic import remove_stale_temporaries
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
-from ..io.dataset import images_in_folder, read_case
-from ..io.images import Geometry, write_image, write_probabilities
+from ..io.dataset import load_dataset_json
+from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
+from ..io.inputs import find_inputs, read_input
+from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
-from ..layout import DATASET_JSON, PLANS_JSON, checkpoint_file, fold_dir, trained_folds
+from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
 from ..network import build_network
+from ..memory import require_memory
 from ..precision import Precision, probe
-from ..preprocessing.preprocess import preprocess_case, restore_probabilities
-from ..schemas import validate
+from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
+from ..preprocessing.resample import case_memory_bytes
 from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
 from .postprocess import apply_postprocessing
+from .progress import TileProgress
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -56,6 +59,8 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> t
 
 def tile_starts(size: int, patch: int, step: float) -> list[int]:
     """Start offsets along one axis: evenly spread, first at 0, last flush with the end, overlap >= 1 - step."""
+    if not 0 < step <= 1:  # 0 never advances, > 1 leaves voxels between tiles uncovered (NaN probabilities)
+        raise AutosegError(f"sliding-window step {step} must be > 0 and <= 1 (a fraction of the patch); use 0.5")
     if size <= patch:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step))) + 1
@@ -84,6 +89,7 @@ def sliding_window(
     tile_batch: int = 2,
     device: torch.device | str = "cpu",
     precision: Precision | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Logits (num_outputs, *spatial) float32 on the CPU for ``data`` (C, *spatial) with a network in eval mode.
 
@@ -91,6 +97,7 @@ def sliding_window(
     Images smaller than the patch are padded with zeros (the normalised background) and cropped back.
     ``precision`` (default float32) sets the autocast dtype and whether tiles go in channels-last; the network's
     weights should already be in that memory format (:func:`probe_precision` leaves them so).
+    ``progress(done, total)`` is called after each batch of tiles (a CPU case can take minutes).
     """
     device = torch.device(device)
     precision = precision or Precision()
@@ -125,6 +132,8 @@ def sliding_window(
         for t, o in zip(group, out):
             logits[(slice(None),) + t] += o * weight
             norm[t] += weight
+        if progress is not None:
+            progress(min(i + tile_batch, len(tiles)), len(tiles))
     logits /= norm
     if any(pad):
         logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))]
@@ -165,11 +174,13 @@ def predict_preprocessed(
     step: float = 0.5,
     precision: Precision | None = None,
     rois: Sequence[Box] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Probabilities (C, *spatial) float32 for one preprocessed case (C, *spatial), on the preprocessed grid.
 
     Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
     models. With ``rois`` the networks see only those boxes and everything outside them is background.
+    ``progress`` as in :func:`sliding_window` (called per window, so per box and fold).
     """
     patch = config["patch_size"]
 
@@ -181,7 +192,7 @@ def predict_preprocessed(
             net.deep_supervision = False
             logits = sliding_window(net, x, patch, net.num_outputs, step=step,
                                     mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
-                                    precision=precision)
+                                    precision=precision, progress=progress)
             p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
             total = p if total is None else total.add_(p)
         return (total / len(models)).numpy()
@@ -202,10 +213,11 @@ def predict_probabilities(
     step: float = 0.5,
     precision: Precision | None = None,
     rois: Sequence[Box] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, "Geometry"]:
     """Probabilities (C, *original shape) float32 on the original grid for one preprocessed case:
     :func:`predict_preprocessed`, then resampled back and uncropped exactly (``restore_probabilities``)."""
-    probs = predict_preprocessed(models, data, config, regions, device, mirror, step, precision, rois)
+    probs = predict_preprocessed(models, data, config, regions, device, mirror, step, precision, rois, progress)
     return restore_probabilities(probs, props, background_channel=not regions)
 
 
@@ -236,7 +248,9 @@ class Predictor:
     precision and, for a cascade, the stage-1 :class:`Predictor`.
 
     >>> p = Predictor.from_trained(results / "Dataset501_X" / "3d_fullres", folds=[0])  # doctest: +SKIP
-    >>> labels, probs = p.predict_array(image_czyx, geometry)  # doctest: +SKIP
+    >>> probs = p.predict_array(image_czyx, geometry)  # (C, Z, Y, X) probabilities, no postprocessing  # doctest: +SKIP
+
+    For label maps with the inference plan's postprocessing use :func:`autoseg.segment`.
     """
 
     def __init__(self, plans: dict, meta: dict, configuration: str, models: list[nn.Module],
@@ -261,12 +275,10 @@ class Predictor:
         measure the precision (``auto``, ``fp32``, ``bf16``, ``fp16``: see :mod:`autoseg.precision`). A cascade
         also loads its stage 1 (same folds) from the sibling ``<previous_stage>`` folder."""
         config_dir = Path(config_dir)
-        try:
-            plans = json.loads((config_dir / PLANS_JSON).read_text())
-            meta = json.loads((config_dir / DATASET_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AutosegError(f"{config_dir}: not a trained configuration ({e}); train it first") from None
-        validate(plans, "plans", str(config_dir / PLANS_JSON))
+        if not config_dir.is_dir():
+            raise AutosegError(f"{config_dir}: not a trained configuration (no such folder); train it first")
+        plans = read_json(config_dir / PLANS_JSON, "train the configuration again (it writes plans.json)", "plans")
+        meta = load_dataset_json(config_dir)
         configuration = config_dir.name
         if configuration not in plans["configurations"]:
             raise AutosegError(f"{config_dir}: plans.json has no configuration {configuration}")
@@ -305,28 +317,46 @@ class Predictor:
             raise AutosegError(str(e)) from None
         return pre, props
 
-    def probabilities_preprocessed(self, pre: np.ndarray, rois: Sequence[Box] | None = None) -> np.ndarray:
+    def probabilities_preprocessed(self, pre: np.ndarray, rois: Sequence[Box] | None = None,
+                                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Probabilities on the preprocessed grid of ``pre`` (this configuration's preprocessing of a case)."""
         return predict_preprocessed(self.models, pre, self.config, self.regions, self.device, self.mirror,
-                                    self.step, self.precision, rois)
+                                    self.step, self.precision, rois, progress)
 
-    def labels_preprocessed(self, pre: np.ndarray) -> np.ndarray:
+    def labels_preprocessed(self, pre: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Label map on the preprocessed grid of ``pre``: what a later cascade stage takes its ROI from."""
-        return labels_from_probabilities(self.probabilities_preprocessed(pre), self.regions_class_order)
+        return labels_from_probabilities(self.probabilities_preprocessed(pre, progress=progress),
+                                         self.regions_class_order)
 
-    def predict_array(self, data: np.ndarray, geometry: "Geometry") -> np.ndarray:
+    def predict_array(self, data: np.ndarray, geometry: "Geometry",
+                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
         path as training, then the sliding window over every fold (inside the stage-1 ROI for a cascade) and the
-        exact inverse."""
+        exact inverse. ``progress(done, total)`` is called per batch of tiles of each fold's sliding window."""
         pre, props = self.preprocess(data, geometry)
         rois = None
         if self.stage1 is not None:
-            low = self.stage1.labels_preprocessed(self.stage1.preprocess(data, geometry)[0])
+            low = self.stage1.labels_preprocessed(self.stage1.preprocess(data, geometry)[0], progress)
             rois = stage2_boxes(low, pre.shape[1:], self.config)
             tqdm.write(cascade_log(self.configuration, rois, pre.shape[1:]))
-        probs, _ = restore_probabilities(self.probabilities_preprocessed(pre, rois), props,
+        probs, _ = restore_probabilities(self.probabilities_preprocessed(pre, rois, progress), props,
                                          background_channel=not self.regions)
         return probs
+
+
+def _finished(output: Path, inputs: Sequence[Path]) -> bool:
+    """An output a rerun may keep: present, readable to the end, and newer than every input (an input edited or
+    replaced since is predicted again)."""
+    try:
+        if output.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs):
+            return False
+        if output.suffix == ".npz":
+            read_probabilities(output)
+        else:
+            read_image(output)
+    except (OSError, AutosegError):
+        return False
+    return True
 
 
 def predict_folder(
@@ -337,41 +367,49 @@ def predict_folder(
     overwrite: bool = False,
     postprocessing: dict | None = None,
 ) -> list[str]:
-    """Predict every case of ``in_dir`` into ``out_dir``; probabilities of several predictors are averaged.
+    """Predict every case of ``in_dir`` (a folder, an image file, a DICOM series folder or zip: see
+    :func:`~autoseg.io.inputs.find_inputs`) into ``out_dir``; probabilities of several predictors are averaged.
 
-    Finished cases are skipped unless ``overwrite``; bad cases are reported (returned) by name and do not stop the
-    others. Each output is written atomically.
+    Finished cases (complete outputs newer than their inputs) are skipped unless ``overwrite``; bad cases,
+    including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
+    Each output is written atomically and read back before it counts.
     """
     meta = predictors[0].meta
     ending = meta["file_ending"]
-    if not in_dir.is_dir():
-        raise AutosegError(f"{in_dir}: {'is a file, not a folder' if in_dir.exists() else 'folder not found'}; "
-                           f"-i takes the folder holding the images to predict (CASE_XXXX{ending})")
-    cases, problems = images_in_folder(in_dir, ending, len(meta["channel_names"]))
-    if not cases and not problems:
-        raise AutosegError(f"{in_dir}: no images named CASE_XXXX{ending}; nothing to predict")
+    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    outputs = predictors[0].models[0].num_outputs
     for case in tqdm(cases, desc="predict", unit="case"):
         target = out_dir / f"{case.case_id}{ending}"
-        if target.exists() and not overwrite:
+        npz = out_dir / f"{case.case_id}.npz"
+        if not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images)):
             continue
         t0 = time.perf_counter()
         try:
-            data, _, geometry = read_case(case)
-            probs = predictors[0].predict_array(data, geometry)
-            for p in predictors[1:]:
-                probs += p.predict_array(data, geometry)
+            data, geometry = read_input(case)
+            for p in predictors:  # every configuration's grid, before the first large allocation
+                new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
+                require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
+                               f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
+                               f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
+                               f"model's spacing)", "check the spacing in the image header or use a machine with "
+                               "more memory")
+            passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
+            with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
+                probs = predictors[0].predict_array(data, geometry, bar.update)
+                for p in predictors[1:]:
+                    probs += p.predict_array(data, geometry, bar.update)
             probs /= len(predictors)
+            seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+            if postprocessing:
+                seg = apply_postprocessing(seg, postprocessing)
+            if save_probabilities:
+                write_probabilities(npz, probs, geometry)
+            write_image(target, seg, geometry)  # last: its presence marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
             continue
-        seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
-        if postprocessing:
-            seg = apply_postprocessing(seg, postprocessing)
-        if save_probabilities:
-            write_probabilities(out_dir / f"{case.case_id}.npz", probs, geometry)
-        write_image(target, seg, geometry)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
     return problems

@@ -4,7 +4,6 @@ configuration or pairwise ensemble by mean foreground Dice on the validation cas
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from ..errors import AutosegError
 from ..io.images import read_image
+from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import SUMMARY_JSON, VALIDATION
 from .ensemble import average_probabilities
@@ -22,7 +22,8 @@ def _cv_cases(config_dir: Path) -> dict[str, tuple[Path, str]]:
     """Validation predictions of every trained fold: case id -> (folder, fold)."""
     out = {}
     for summary in sorted(config_dir.glob(f"fold_*/{VALIDATION}/{SUMMARY_JSON}")):
-        for case in json.loads(summary.read_text())["dice_per_case"]:
+        fix = "fix it, or delete that fold's validation/ folder and train the fold again"
+        for case in read_json(summary, fix, "validation_summary")["dice_per_case"]:
             out[case] = (summary.parent, summary.parent.parent.name.removeprefix("fold_"))
     return out
 

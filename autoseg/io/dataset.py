@@ -6,7 +6,6 @@ Every way of finding cases lives here: training/test images ``CASE_XXXX<ending>`
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AutosegError, DatasetError
-from ..labels import check_labels, label_problems
+from ..jsonfile import read_json
+from ..labels import LabelSpec, check_labels, label_problems
 from ..layout import DATASET_JSON, Roots, dataset_name, image_file
 from .images import Geometry, read_image
 
+_FILE_ENDING = re.compile(r"^(\.[A-Za-z0-9]+){1,3}$")
 REQUIRED_KEYS = {"channel_names": dict, "labels": dict, "numTraining": int, "file_ending": str}
 _KEY_EXAMPLES = {"channel_names": '{"0": "CT"}', "labels": '{"background": 0, "liver": 1}', "numTraining": "24",
                  "file_ending": '".nii.gz"'}  # shown in the fix of a missing or mistyped key
@@ -40,11 +41,19 @@ def load_dataset_json(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError([f"{path}: file not found; every dataset needs a dataset.json (nnU-Net v2 layout)"])
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError([f"{path}: not valid JSON ({e}); fix the syntax"]) from None
+        meta = read_json(path, "fix the syntax (nnU-Net v2 dataset.json)")
+    except AutosegError as e:
+        raise DatasetError([str(e)]) from None
+    problems = dataset_json_problems(meta, str(path))
+    if problems:
+        raise DatasetError(problems)
+    return meta
+
+
+def dataset_json_problems(meta: Any, path: str) -> list[str]:
+    """Every problem of a parsed ``dataset.json`` (read from ``path``), each naming the key and the fix."""
     if not isinstance(meta, dict):
-        raise DatasetError([f"{path}: top level must be an object, found {type(meta).__name__}"])
+        return [f"{path}: top level must be an object, found {type(meta).__name__}"]
     problems = []
     for key, typ in REQUIRED_KEYS.items():
         if key not in meta:
@@ -63,11 +72,15 @@ def load_dataset_json(folder: str | Path) -> dict[str, Any]:
                 f"{path}: 'channel_names' keys must be '0'..'{len(meta['channel_names']) - 1}', "
                 f"found {sorted(meta['channel_names'])}"
             )
-        if not meta["file_ending"].startswith("."):
-            problems.append(f"{path}: 'file_ending' must start with '.', found {meta['file_ending']!r}")
-    if problems:
-        raise DatasetError(problems)
-    return meta
+        if not _FILE_ENDING.match(meta["file_ending"]):
+            problems.append(f"{path}: 'file_ending' must start with '.', found {meta['file_ending']!r}; give a file "
+                            "suffix of letters and digits such as \".nii.gz\"")
+        if not problems and "regions_class_order" in meta:
+            try:
+                LabelSpec.from_meta(meta).layout()
+            except AutosegError as e:
+                problems.append(f"{path}: {str(e).removeprefix('dataset.json: ')}")
+    return problems
 
 
 def images_in_folder(
@@ -107,6 +120,17 @@ def list_cases(folder: str | Path, meta: dict[str, Any], split: str = "Tr") -> l
     cases, _ = images_in_folder(folder / f"images{split}", meta["file_ending"], len(meta["channel_names"]),
                                 folder / f"labels{split}")
     return cases
+
+
+def case_signature(case: Case) -> dict[str, list[int]]:
+    """``{file name: [size, mtime in ns]}`` of a case's image and label files: what a rerun compares to tell an
+    edited or replaced input from the one its stored work was made from (reading every byte would cost minutes)."""
+    files = list(case.images) + ([case.label] if case.label is not None else [])
+    out = {}
+    for p in files:
+        st = p.stat()
+        out[p.name] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
@@ -162,10 +186,7 @@ def find_image(folder: Path, case: str, ending: str) -> Path | None:
 def _read_labels_json(path: Path) -> dict[str, Any]:
     if path.is_dir() or path.name == DATASET_JSON:
         return load_dataset_json(path if path.is_dir() else path.parent)
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{path}: cannot read labels JSON ({e})") from None
+    meta = read_json(path, "--labels takes a dataset.json or a JSON object with a 'labels' object")
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
         raise AutosegError(
             f"{path}: needs a 'labels' object like dataset.json's, e.g. {{\"background\": 0, \"liver\": 1}}"

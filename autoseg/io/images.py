@@ -6,6 +6,7 @@ spacing, origin and direction are carried verbatim in :class:`Geometry`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_path, write_npz
 from ..errors import AutosegError
+from ..memory import require_memory
 from .nifti import nifti_scan, nonfinite_counts
 
 SPACING_ORIGIN_RTOL = 1e-4  # relative to max(|a|, |b|, 1); messages spell it "1e-4"
@@ -91,6 +93,9 @@ def read_image_scanned(path: str | Path) -> tuple[np.ndarray, Geometry, tuple[in
     """:func:`read_image` plus the (NaN, Inf) voxel counts of the file on disk (None when not a NIfTI file: then
     the array itself holds them)."""
     path = Path(path)
+    geometry = read_header(path)  # checks the header before any voxel is allocated
+    require_memory(int(np.prod(geometry.shape, dtype=np.float64)) * 8, f"{path}: reading {geometry.shape} voxels",
+                   "check the image size in its header")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -117,12 +122,18 @@ def read_header(path: str | Path) -> Geometry:
         raise AutosegError(_unreadable(path, e)) from None
     size = reader.GetSize()
     _check_layout(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
-    return Geometry(
+    geometry = Geometry(
         spacing=tuple(float(v) for v in reader.GetSpacing()),
         origin=tuple(float(v) for v in reader.GetOrigin()),
         direction=tuple(float(v) for v in reader.GetDirection()),
         shape=tuple(int(v) for v in reversed(size)),
     )
+    if not all(math.isfinite(v) and v > 0 for v in geometry.spacing):
+        raise AutosegError(f"{path}: header spacing {geometry.spacing} mm is not finite and positive; fix the pixel "
+                           "spacing in the header (e.g. with SimpleITK SetSpacing) and rerun")
+    if not all(math.isfinite(v) for v in geometry.origin + geometry.direction):
+        raise AutosegError(f"{path}: header origin {geometry.origin} or direction holds NaN/Inf; fix the header")
+    return geometry
 
 
 def _unreadable(path: Path, e: Exception) -> str:
@@ -160,7 +171,12 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, compres
     """
     if Path(path).suffix.lower() in (".mhd", ".hdr", ".img", ".nhdr"):
         raise AutosegError(f"{path}: two-file image formats cannot be written atomically; use .nii.gz, .nrrd or .mha")
-    with atomic_path(path) as tmp:
+    def check(tmp: Path) -> None:  # read it back: a full disk can leave a short file and no error
+        back, geo, _ = read_image_scanned(tmp)
+        if geo.shape != tuple(geometry.shape) or not np.array_equal(back, array):
+            raise ValueError(f"reads back as {back.dtype} {geo.shape}, not the {array.dtype} {array.shape} written")
+
+    with atomic_path(path, check) as tmp:
         sitk.WriteImage(to_sitk(array, geometry), str(tmp), compress)
 
 

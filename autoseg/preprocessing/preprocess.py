@@ -2,7 +2,7 @@
 
 A preprocessed case is four files in ``<preprocessed>/<dataset>/<data_identifier>/`` (axis order C, Z, Y, X):
 ``<case>.npy`` float32 image (memory-mappable), ``<case>_seg.npy`` uint8 labels, ``<case>_fg.npz`` up to
-``FG_SAMPLES`` voxel coordinates per label for foreground oversampling, and ``<case>.json`` with the original
+``FG_SAMPLES`` voxel coordinates per label with their connected component (lesion-aware sampling), and ``<case>.json`` with the original
 geometry, crop box and spacings. The JSON is written last, so its presence marks a finished case; every file is
 written to a temporary name and renamed.
 """
@@ -16,17 +16,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from ..atomic import remove_stale_temporaries, write_json, write_npy, write_npz
-from ..io.dataset import Case, read_case
+from ..io.dataset import Case, case_signature, read_case
 from ..io.images import Geometry
+from ..jsonfile import read_json
 from ..layout import preprocessed_files
+from ..masks import connected_components
+from ..memory import require_memory
 from ..errors import AutosegError, DatasetError
 from ..planning.fingerprint import nonzero_bbox
 from ..parallel import map_cases
-from .resample import resample_array, resample_labels
+from .resample import case_memory_bytes, resample_array, resample_labels
 
 FG_SAMPLES = 10_000
+MIN_PER_COMPONENT = 64
+# Bumped when what a preprocessed case holds changes, so older preprocessed data is redone instead of misread.
+CASE_FORMAT = 2  # 2: foreground coordinates carry their connected component
 
 
 def axis_orders(case_spacing: Sequence[float], target_spacing: Sequence[float], order: int, rules: dict) -> list[int]:
@@ -79,6 +86,10 @@ def preprocess_case(
     data = normalize(np.ascontiguousarray(data[(slice(None),) + sl], dtype=np.float32), normalization)
     spacing = geometry.spacing_zyx
     new_shape = target_shape(data.shape[1:], spacing, config["spacing"])
+    require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0]),
+                   f"resampling {tuple(data.shape[1:])} voxels of spacing {tuple(spacing)} mm to {tuple(new_shape)}",
+                   "check the spacing in the image header (a wrong spacing makes a huge volume) or use a machine with "
+                   "more memory")
     rules = config["resampling"]
     img_orders = axis_orders(spacing, config["spacing"], rules["image_order"], rules)
     lab_orders = axis_orders(spacing, config["spacing"], rules["label_order"], rules)
@@ -123,38 +134,61 @@ def restore_probabilities(
 
 
 def foreground_locations(seg: np.ndarray, case_id: str, max_per_class: int = FG_SAMPLES) -> dict[str, np.ndarray]:
-    """Up to ``max_per_class`` (z, y, x) coordinates per non-zero label, a seeded sample; uint16 (K, 3) arrays."""
+    """A seeded sample of (z, y, x) coordinates per non-zero label (``class_<v>``, uint16 (K, 3)) and the connected
+    component each belongs to (``component_<v>``, uint32 (K,), 1-based), for lesion-aware sampling.
+
+    The ``max_per_class`` budget is shared equally among a label's components, each keeping at least
+    ``MIN_PER_COMPONENT`` voxels (all of a smaller one), so a 30-voxel lesion next to a large one is never sampled
+    away.
+    """
     rng = np.random.default_rng(zlib.crc32(case_id.encode()))
-    flat = seg.reshape(-1)
     out = {}
-    for v in np.unique(flat):
-        if v == 0:
+    for v, box in enumerate(ndimage.find_objects(seg), start=1):
+        if box is None:
             continue
-        idx = np.flatnonzero(flat == v)
-        if idx.size > max_per_class:
-            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
-        out[f"class_{int(v)}"] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(np.uint16)
+        comps, n = connected_components(seg[box] == v)
+        flat = comps.reshape(-1)
+        idx = np.flatnonzero(flat)
+        ids = flat[idx]
+        order = np.argsort(ids, kind="stable")
+        idx, ids = idx[order], ids[order]
+        sizes = np.bincount(ids, minlength=n + 1)[1:]
+        quota = max(min(MIN_PER_COMPONENT, max_per_class), max_per_class // n)
+        keep = []
+        for start, size in zip(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes):
+            rows = np.arange(start, start + size)
+            keep.append(rows if size <= quota else np.sort(rng.choice(rows, quota, replace=False)))
+        rows = np.concatenate(keep)
+        local = np.stack(np.unravel_index(idx[rows], comps.shape), axis=1)
+        out[f"class_{v}"] = (local + [b.start for b in box]).astype(np.uint16)
+        out[f"component_{v}"] = ids[rows].astype(np.uint32)
     return out
 
 
 def config_hash(config: dict[str, Any], normalization: list[dict[str, Any]]) -> str:
     """Identifies the preprocessing a case was made with, so a changed plan reprocesses instead of reusing."""
     keys = {k: config[k] for k in ("spacing", "resampling")}
-    return hashlib.sha256(json.dumps([keys, normalization], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([keys, normalization, CASE_FORMAT], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def case_done(folder: Path, case_id: str, digest: str) -> bool:
-    """True when all four files of a case exist and were made with the current preprocessing."""
-    files = preprocessed_files(case_id)
+def case_done(folder: Path, case: Case, digest: str) -> bool:
+    """True when all four files of a case exist, were made with the current preprocessing and from the raw files
+    as they are now (same size and mtime); an unreadable properties file means the case is redone."""
+    files = preprocessed_files(case.case_id)
     meta = folder / files["props"]
     if not meta.is_file() or not all((folder / files[kind]).is_file() for kind in ("data", "fg")):
         return False
-    props = json.loads(meta.read_text())
-    return props.get("preprocessing") == digest and (not props.get("has_label") or (folder / files["seg"]).is_file())
+    try:
+        props = read_json(meta, "it is regenerated", "case_properties")
+    except AutosegError:
+        return False
+    return (props["preprocessing"] == digest and props.get("sources") == case_signature(case)
+            and (not props["has_label"] or (folder / files["seg"]).is_file()))
 
 
 def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) -> str:
     case, config, normalization, folder, digest = job
+    sources = case_signature(case)  # before reading, so an edit during the run is seen by the next one
     data, seg, geometry = read_case(case)
     try:
         data, seg, props = preprocess_case(data, seg, geometry, config, normalization)
@@ -166,7 +200,8 @@ def _case_job(job: tuple[Case, dict[str, Any], list[dict[str, Any]], str, str]) 
     if seg is not None:
         write_npy(folder / files["seg"], seg)
     write_npz(folder / files["fg"], foreground_locations(seg, case.case_id) if seg is not None else {})
-    write_json(folder / files["props"], {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None, **props})
+    write_json(folder / files["props"], {"case": case.case_id, "preprocessing": digest, "has_label": seg is not None,
+                                         "sources": sources, **props})
     return case.case_id
 
 
@@ -195,7 +230,7 @@ def preprocess_dataset(
         remove_stale_temporaries(folder)
         source = plans["configurations"].get(ident, config)  # 2d reuses the 3d_fullres data
         digest = config_hash(source, plans["normalization"])
-        todo = [c for c in cases if not case_done(folder, c.case_id, digest)]
+        todo = [c for c in cases if not case_done(folder, c, digest)]
         jobs = [(c, source, plans["normalization"], str(folder), digest) for c in todo]
         results = map_cases(_case_job, jobs, num_workers, desc=f"preprocess {ident}", progress=progress)
         errors += [err for _, err in results if err]

@@ -89,3 +89,13 @@ def resample_labels(seg: np.ndarray, new_shape: Sequence[int], orders: Sequence[
         out[take] = v
         np.maximum(best, soft, out=best)
     return out
+
+
+def case_memory_bytes(shape: Sequence[int], new_shape: Sequence[int], channels: int, outputs: int = 0) -> int:
+    """Peak bytes to preprocess a (channels, *shape) case to ``new_shape`` and, with ``outputs`` network outputs,
+    to predict it: float32 image and two resampling buffers per channel on the new grid, logits, weights and
+    probabilities there, and the probabilities resampled back onto the original grid."""
+    n_in = float(np.prod(shape, dtype=np.float64))
+    n_out = float(np.prod(new_shape, dtype=np.float64))
+    per_out = 3 * channels + (3 * outputs + 1 if outputs else 2)
+    return int(4 * (n_out * per_out + n_in * (channels + 2 * outputs)))

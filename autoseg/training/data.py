@@ -9,7 +9,6 @@ loader's own generator (and restores them afterwards), so batches are reproducib
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import AutosegError
-from ..layout import PREPROCESSED_SUFFIXES, preprocessed_files
+from ..layout import preprocessed_files
+from .sampling import SamplingIndex, pick_voxel
 
 
 @dataclass(frozen=True)
@@ -71,61 +71,76 @@ class PreprocessedCase:
     data: np.ndarray  # float32 (C, Z, Y, X)
     seg: np.ndarray  # uint8 (Z, Y, X)
     fg: dict[int, np.ndarray]  # label -> uint16 (K, 3) voxel coordinates
-    props: dict[str, Any]
+    components: dict[int, np.ndarray]  # label -> (K,) connected component of each coordinate
+
+
+def _read(folder: Path, case_id: str, kind: str, reader: Any) -> Any:
+    """``reader(path)`` of one file of a preprocessed case; any failure is an AutosegError saying how to redo it."""
+    path = folder / preprocessed_files(case_id)[kind]
+    try:
+        return reader(path)
+    except Exception as e:
+        raise AutosegError(
+            f"case {case_id}: cannot read {path} ({type(e).__name__}: {e}); delete {folder / case_id}.json and "
+            "rerun `autoseg plan_and_preprocess` to regenerate this case (a rerun skips cases whose .json exists)"
+        ) from e
+
+
+def _read_fg_file(path: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        out = {}
+        for key in z.files:
+            if key.startswith("class_"):
+                label = int(key.removeprefix("class_"))
+                coords, comps = z[key], z[f"component_{label}"]  # KeyError: written by an older autoseg
+                if coords.ndim != 2 or coords.shape[1] != 3 or comps.shape != coords.shape[:1]:
+                    raise ValueError(f"class {label}: coordinates {coords.shape} and components {comps.shape}")
+                out[label] = (coords, comps)
+        return out
+
+
+def read_foreground(folder: Path, case_id: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """label -> (stored voxel coordinates (K, 3), their connected component (K,)) of one preprocessed case."""
+    return _read(Path(folder), case_id, "fg", _read_fg_file)
 
 
 def load_case(folder: Path, case_id: str) -> PreprocessedCase:
-    """Open the four files of a case written by ``preprocess``; any missing or corrupt file is an AutosegError."""
+    """Open the image, labels and foreground samples of a case written by ``preprocess`` (the properties are for the
+    inverse, not for training); any missing or corrupt file is an AutosegError."""
     folder = Path(folder)
-
-    def read(suffix: str, reader: Any) -> Any:
-        path = folder / f"{case_id}{suffix}"
-        try:
-            return reader(path)
-        except Exception as e:
-            raise AutosegError(
-                f"case {case_id}: cannot read {path} ({type(e).__name__}: {e}); delete {folder / case_id}.json and "
-                "rerun `autoseg plan_and_preprocess` to regenerate this case (a rerun skips cases whose .json exists)"
-            ) from e
-
-    props = read(PREPROCESSED_SUFFIXES["props"], lambda p: json.loads(p.read_text()))
-    data = read(PREPROCESSED_SUFFIXES["data"], lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-    seg = read(PREPROCESSED_SUFFIXES["seg"], lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-
-    def read_fg(path: Path) -> dict[int, np.ndarray]:
-        with np.load(path, allow_pickle=False) as z:
-            return {int(k.removeprefix("class_")): z[k] for k in z.files}
-
-    fg = read(PREPROCESSED_SUFFIXES["fg"], read_fg)
+    data = _read(folder, case_id, "data", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+    seg = _read(folder, case_id, "seg", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+    fg = read_foreground(folder, case_id)
     if data.ndim != 4 or data.dtype != np.float32 or seg.shape != data.shape[1:] or seg.dtype != np.uint8:
         raise AutosegError(
             f"case {case_id}: image {data.dtype} {data.shape} and labels {seg.dtype} {seg.shape} in {folder} do not "
             "match (expected float32 (C,Z,Y,X) and uint8 (Z,Y,X)); rerun `autoseg plan_and_preprocess`"
         )
-    return PreprocessedCase(case_id, data, seg, fg, props)
+    return PreprocessedCase(case_id, data, seg, {c: v[0] for c, v in fg.items()}, {c: v[1] for c, v in fg.items()})
+
+
+def sampling_index(folder: Path, case_ids: Sequence[str], tumour_values: Sequence[int]) -> SamplingIndex:
+    """The lesion-aware :class:`SamplingIndex` of ``case_ids`` (reads only their small ``_fg.npz`` files)."""
+    return SamplingIndex.build(case_ids, [read_foreground(Path(folder), c) for c in case_ids], tumour_values)
 
 
 def sample_patch(
     case: PreprocessedCase,
     patch_size: Sequence[int],
-    force_fg: bool,
+    centre: np.ndarray | None,
     rng: np.random.Generator,
     inner: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut a (C, *patch) float32 image and (1, *patch) uint8 label patch, zero-padded outside the image.
 
     Placement is decided for the central ``inner`` region (default: the whole patch), which is what survives
-    the centre crop after augmentation: it covers the image uniformly and, when ``force_fg``, contains a
-    stored voxel of a uniformly chosen foreground class (jittered by up to a quarter of ``inner`` so objects are
-    not always centred). A 2D patch (two sizes) comes from one axial slice.
+    the centre crop after augmentation: it covers the image uniformly, or, given a ``centre`` voxel (z, y, x),
+    contains it (jittered by up to a quarter of ``inner`` so objects are not always centred; see
+    :mod:`.sampling` for how centres are chosen). A 2D patch (two sizes) comes from one axial slice.
     """
     patch = [int(p) for p in patch_size]
     inner = patch if inner is None else [int(i) for i in inner]
-    classes = [c for c in sorted(case.fg) if len(case.fg[c])]
-    voxel = None
-    if force_fg and classes:
-        coords = case.fg[classes[rng.integers(len(classes))]]
-        voxel = coords[rng.integers(len(coords))].astype(np.int64)
+    voxel = None if centre is None else np.asarray(centre, dtype=np.int64)
     prefix: tuple[Any, ...] = ()
     shape = case.seg.shape
     if len(patch) == 2:
@@ -251,15 +266,12 @@ def _seeded(transforms: Compose, batch: dict[str, np.ndarray], seed: int) -> dic
 class _Batches(IterableDataset):
     """Endless batches from one random stream per worker, seeded with (seed, worker index)."""
 
-    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], batch_size: int,
-                 ds_scales: list[list[float]], seed: int, augment: bool, regions: list[list[int]] | None,
-                 oversample_fg: float):
-        self.folder, self.case_ids, self.patch, self.batch_size = folder, case_ids, patch, batch_size
-        self.ds_scales, self.seed, self.regions, self.oversample_fg = ds_scales, seed, regions, oversample_fg
+    def __init__(self, folder: Path, sampling: SamplingIndex, patch: list[int], batch_size: int,
+                 ds_scales: list[list[float]], seed: int, augment: bool, regions: list[list[int]] | None):
+        self.folder, self.sampling, self.patch, self.batch_size = folder, sampling, patch, batch_size
+        self.ds_scales, self.seed, self.regions = ds_scales, seed, regions
         self.read_size = enlarged_patch_size(patch) if augment else patch
         self.transforms = build_transforms(patch) if augment else None
-        # nnU-Net: the last batch_size - round(batch_size * (1 - p)) samples of every batch are forced foreground
-        self.n_forced = batch_size - round(batch_size * (1 - oversample_fg))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -268,20 +280,22 @@ class _Batches(IterableDataset):
         while True:
             yield self._batch(rng, cache)
 
+    def _patch(self, rng: np.random.Generator, cache: dict[str, PreprocessedCase]) -> tuple[str, np.ndarray, np.ndarray]:
+        index, label, component = self.sampling.draw(rng)
+        key = self.sampling.case_ids[index]
+        try:
+            if key not in cache:
+                cache[key] = load_case(self.folder, key)
+            case = cache[key]
+            centre = None if label is None else pick_voxel(case.fg[label], case.components[label], component, rng)
+            return (key, *sample_patch(case, self.read_size, centre, rng, inner=self.patch))
+        except Exception as e:
+            raise AutosegError(f"training case {key}: {type(e).__name__}: {e}") from e
+
     def _batch(self, rng: np.random.Generator, cache: dict[str, PreprocessedCase]) -> dict[str, Any]:
-        b = self.batch_size
-        keys = [self.case_ids[i] for i in rng.integers(len(self.case_ids), size=b)]
-        # a batch of one cannot hold a fixed fraction, so it is forced with probability oversample_fg instead
-        forced = [rng.random() < self.oversample_fg] if b == 1 else [j >= b - self.n_forced for j in range(b)]
-        patches = []
-        for key, force in zip(keys, forced):
-            try:
-                if key not in cache:
-                    cache[key] = load_case(self.folder, key)
-                patches.append(sample_patch(cache[key], self.read_size, force, rng, inner=self.patch))
-            except Exception as e:
-                raise AutosegError(f"training case {key}: {type(e).__name__}: {e}") from e
-        batch = {"data": np.stack([p[0] for p in patches]), "seg": np.stack([p[1] for p in patches])}
+        patches = [self._patch(rng, cache) for _ in range(self.batch_size)]
+        keys = [p[0] for p in patches]
+        batch = {"data": np.stack([p[1] for p in patches]), "seg": np.stack([p[2] for p in patches])}
         if self.transforms is not None:
             try:
                 batch = _seeded(self.transforms, batch, int(rng.integers(2**32)))
@@ -315,7 +329,7 @@ class BatchLoader:
         num_workers: int = 2,
         augment: bool = True,
         regions: list[list[int]] | None = None,
-        oversample_fg: float = 1 / 3,
+        sampling: SamplingIndex | None = None,
     ):
         folder = Path(folder)
         patch = [int(p) for p in config["patch_size"]]
@@ -328,8 +342,11 @@ class BatchLoader:
         if not ds_scales or any(len(s) != len(patch) for s in ds_scales):
             raise ValueError(f"ds_scales {ds_scales} must be non-empty with {len(patch)} factors each")
         self.batch_size = int(batch_size or config["batch_size"])
-        self.dataset = _Batches(folder, list(case_ids), patch, self.batch_size, ds_scales, seed, augment, regions,
-                                oversample_fg)
+        if sampling is None:
+            sampling = sampling_index(folder, case_ids, ())
+        elif list(sampling.case_ids) != list(case_ids):
+            raise ValueError("the sampling index was built for other cases than the loader's")
+        self.dataset = _Batches(folder, sampling, patch, self.batch_size, ds_scales, seed, augment, regions)
         self._loader: DataLoader | None = DataLoader(
             self.dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available(),

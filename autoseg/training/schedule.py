@@ -3,8 +3,10 @@
 Why: nnU-Net's SGD Nesterov (momentum 0.99, lr 0.01, poly decay) is tuned for 250,000 iterations; in a few hundred
 it still predicts only background, while AdamW with a short warm-up reaches organ Dice of about 0.8 in 30
 (benchmarks/RESULTS.md). So a run whose budget holds fewer than ``ADAMW_BELOW_ITERS`` iterations trains with AdamW,
-a longer one with SGD. The schedule is per iteration (warm-up, then polynomial decay over the iterations the budget
-holds), so a ten-minute run decays as completely as a ten-hour one.
+a longer one with SGD. The learning rate is set at the start of each epoch (as nnU-Net does, so ``--continue`` with
+more epochs replays the same rates): a linear warm-up over the first ``warmup_iters`` iterations for AdamW, then
+polynomial decay over the run's progress (epochs done or budget time spent, whichever is further), so a
+ten-minute run decays as completely as a ten-hour one.
 """
 
 from __future__ import annotations
@@ -28,26 +30,36 @@ POLY_EXPONENT = 0.9
 
 @dataclass(frozen=True)
 class Schedule:
-    """Optimizer name, initial learning rate, warm-up and the iterations the decay spans, with the reason."""
+    """Optimizer name, initial learning rate and warm-up, with the iteration estimate and the reason they were chosen."""
 
     optimizer: str
     initial_lr: float
     warmup_iters: int
-    total_iters: int
+    budget_iters: int
     reason: str
 
-    def lr_at(self, iteration: int, time_fraction: float = 0.0) -> float:
-        """Learning rate for ``iteration`` (0-based); ``time_fraction`` of a time budget spent also advances the
-        decay, so a run slower than estimated still ends at a low learning rate."""
+    def lr_at(self, iteration: int, progress: float) -> float:
+        """Learning rate from ``iteration`` (iterations done) and ``progress`` in [0, 1] of the whole run."""
         if iteration < self.warmup_iters:
             w = (iteration + 1) / self.warmup_iters
             return self.initial_lr * (WARMUP_START + (1 - WARMUP_START) * w)
-        progress = max(iteration / max(self.total_iters, 1), time_fraction)
-        return self.initial_lr * (1 - min(progress, 1.0)) ** POLY_EXPONENT
+        return self.initial_lr * (1 - min(max(progress, 0.0), 1.0)) ** POLY_EXPONENT
 
     def to_json(self) -> dict:
         return {"optimizer": self.optimizer, "initial_lr": self.initial_lr, "warmup_iters": self.warmup_iters,
-                "total_iters": self.total_iters, "reason": self.reason}
+                "budget_iters": self.budget_iters, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Schedule":
+        """A schedule saved with a checkpoint, checked (a hand-edited or damaged state must not train silently)."""
+        try:
+            s = cls(str(d["optimizer"]), float(d["initial_lr"]), int(d["warmup_iters"]), int(d["budget_iters"]),
+                    str(d.get("reason", "")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise AutosegError(f"saved schedule {d!r} is incomplete ({e}); start the run again without --continue")
+        if s.optimizer not in OPTIMIZERS[1:] or not (math.isfinite(s.initial_lr) and s.initial_lr > 0) or s.warmup_iters < 0:
+            raise AutosegError(f"saved schedule {d!r} is not valid; start the run again without --continue")
+        return s
 
 
 def budget_iterations(budget_s: float | None, step_s: float | None, max_iters: int) -> int:

@@ -1,4 +1,10 @@
-"""Fold training: SGD (or AdamW for short budgets) with a poly schedule, deep-supervised Dice+CE, checkpoints, logs, validation.
+"""Fold training: a measured precision, a budget-aware optimizer and schedule, lesion-aware patches, deep-supervised
+Dice+CE, checkpoints, logs with progress inside each epoch, validation.
+
+Before the first epoch the run measures itself (``precision.probe``: a few real steps of the planned network in
+every candidate precision) and, from the step time and the time budget, estimates the iterations it can afford and
+picks the optimizer and warm-up (``schedule.choose_schedule``). Both choices are printed with their reasons, saved in
+``training_setup.json`` and in the ``--continue`` state (a resumed run never re-decides them).
 
 Layout (``AUTOSEG_RESULTS/<dataset>/``): ``splits.json`` (five folds by case id, user-editable, shared by every
 configuration), and per configuration ``plans.json``, ``dataset.json`` and ``fold_<k>/`` with
@@ -13,37 +19,39 @@ what an uninterrupted run would have done from the last finished epoch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_path, remove_stale_temporaries, write_json
-from ..checkpoint import load_state, pick_device, save_checkpoint
+from ..checkpoint import fit_weights, load_state, pick_device, save_checkpoint
 from ..errors import AutosegError
-from ..labels import label_layout
+from ..jsonfile import read_json
+from ..labels import LabelSpec, label_layout
 from ..layout import (
-    DATASET_JSON, LABELS_TR, LOG_JSONL, PLANS_JSON, PROGRESS_PNG, SPLITS_JSON, Roots, fold_dir, state_file,
+    DATASET_JSON, LABELS_TR, LOG_JSONL, PLANS_JSON, PROGRESS_PNG, SPLITS_JSON, TRAINING_SETUP_JSON, Roots,
+    checkpoint_file, fold_dir, state_file,
 )
 from ..network import build_network, ds_scales
-from ..schemas import validate
-from .data import BatchLoader
+from ..precision import PRECISIONS, Precision, probe
+from .data import BatchLoader, sampling_index
 from .losses import SegmentationLoss
+from .sampling import SamplingIndex
+from .schedule import Schedule, budget_iterations, choose_schedule
 from .splits import load_or_create_splits
 from .validation import validate_fold
 
 EMA_DECAY = 0.9
-# SGD Nesterov is nnU-Net's choice for long runs; AdamW reaches organ-level Dice several times sooner, which is what
-# a budget of minutes on a CPU needs (measured on the demo phantom, benchmarks/RESULTS.md).
-DEFAULT_LR = {"sgd": 1e-2, "adamw": 3e-3}
+PROGRESS_EVERY_S = 20.0  # a progress line inside an epoch at most this often
+LOADER_PROBE_BATCHES = 3  # augmented batches timed at the start, for the budget estimate
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,9 @@ class TrainOptions:
     device: str = "auto"
     encoder: str | None = None
     seed: int = 0
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: DEFAULT_LR of the optimizer
+    optimizer: str = "auto"  # auto: chosen from the iterations the budget holds (schedule.choose_schedule)
+    lr: float | None = None  # None: the optimizer's default (schedule.DEFAULT_LR)
+    precision: str = "auto"  # auto: measured (precision.probe); fp32, bf16 or fp16 force it
     weight_decay: float = 3e-5
     momentum: float = 0.99
     grad_clip: float = 12.0
@@ -67,24 +76,17 @@ class TrainOptions:
     save_probabilities: bool = False
     num_workers: int | None = None
 
-    @property
-    def initial_lr(self) -> float:
-        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise AutosegError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, opts: TrainOptions, schedule: Schedule) -> torch.optim.Optimizer:
     """SGD Nesterov (momentum, weight decay from ``opts``) or AdamW with the same weight decay."""
-    if opts.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opts.initial_lr, momentum=opts.momentum, nesterov=True,
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=schedule.initial_lr, momentum=opts.momentum, nesterov=True,
                                weight_decay=opts.weight_decay)
-    if opts.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=opts.initial_lr, weight_decay=opts.weight_decay)
-    raise AutosegError(f"unknown optimizer {opts.optimizer!r}; use 'sgd' or 'adamw'")
-
-
-def poly_lr(lr0: float, progress: float, exponent: float = 0.9) -> float:
-    """nnU-Net's polynomial decay; ``progress`` in [0, 1] is epochs done or time spent, whichever is further."""
-    return lr0 * (1 - min(progress, 1.0)) ** exponent
+    return torch.optim.AdamW(model.parameters(), lr=schedule.initial_lr, weight_decay=opts.weight_decay)
 
 
 def _distributed() -> tuple[int, int]:
@@ -107,35 +109,40 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+def train_steps(model, loss_fn, optimizer, loader, iters, device, precision: Precision, scaler, grad_clip,
+                report: Callable[[int, float], None] | None = None) -> float:
+    """``iters`` optimizer steps on batches from ``loader``; returns the mean loss (also used by the benchmark).
 
-
-def train_steps(model, loss_fn, optimizer, loader, iters, device, amp_dtype, scaler, grad_clip) -> float:
-    """``iters`` SGD steps on batches from ``loader``; returns the mean loss (also used by the benchmark)."""
+    ``report(i, loss)`` is called after each step (progress inside an epoch)."""
     model.train()
     _unwrap(model).deep_supervision = True
     total = 0.0
-    for _ in range(iters):
+    for i in range(iters):
         batch = next(loader)
         x = batch["data"].to(device, non_blocking=True)
         targets = [t.to(device, non_blocking=True) for t in batch["target"]]
-        if device.type == "cuda" and x.ndim == 5:
+        if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp_dtype):
+        with precision.autocast(device):
             loss = loss_fn(model(x), targets)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total += float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise AutosegError(f"the training loss became {value} at iteration {i}; lower --lr or use "
+                               "--precision fp32 (nothing was saved from this epoch)")
+        total += value
+        if report is not None:
+            report(i, value)
     return total / max(iters, 1)
 
 
 @torch.no_grad()
-def _val_epoch(model, loss_fn, loader, iters, device, amp_dtype, regions: bool, n_out: int):
+def _val_epoch(model, loss_fn, loader, iters, device, precision: Precision, regions: bool, n_out: int):
     """Validation loss and summed TP/FP/FN per foreground class on patches (the "pseudo Dice")."""
     model.eval()
     _unwrap(model).deep_supervision = True
@@ -145,8 +152,10 @@ def _val_epoch(model, loss_fn, loader, iters, device, amp_dtype, regions: bool, 
     for _ in range(iters):
         batch = next(loader)
         x = batch["data"].to(device)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         targets = [t.to(device) for t in batch["target"]]
-        with _autocast(device, amp_dtype):
+        with precision.autocast(device):
             out = model(x)
             total += float(loss_fn(out, targets))
         logits, target = out[0].float(), targets[0]
@@ -172,23 +181,39 @@ def pseudo_dice(counts: torch.Tensor) -> list[float]:
 # ---------------------------------------------------------------------------------------------------- logging
 
 
-def _plot_progress(path: Path, log: list[dict[str, Any]]) -> None:
+def output_names(meta: dict[str, Any]) -> list[str]:
+    """Names of the network's foreground outputs, in order (labels 1..n-1, or the regions), for logs and plots."""
+    spec = LabelSpec.from_meta(meta)
+    n_out, regions, _ = spec.layout()
+    if regions is not None:
+        return [k for k in meta["labels"] if k != "background"]
+    names = spec.names
+    return [names.get(v, f"label {v}") for v in range(1, n_out)]
+
+
+def _plot_progress(path: Path, log: list[dict[str, Any]], names: list[str]) -> None:
+    """Losses, pseudo-Dice per structure (by name), learning rate and speed against epochs, with markers so that a
+    run of one or two epochs still shows its points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ep = [r["epoch"] for r in log]
+    style = dict(marker="o", markersize=3)
     fig, ax = plt.subplots(4, 1, figsize=(8, 11), sharex=True)
-    ax[0].plot(ep, [r["train_loss"] for r in log], label="train loss")
-    ax[0].plot(ep, [r["val_loss"] for r in log], label="val loss")
-    ax[1].plot(ep, [r["ema_dice"] for r in log], label="EMA pseudo-Dice")
-    for i in range(len(log[-1]["pseudo_dice"])):
-        ax[1].plot(ep, [r["pseudo_dice"][i] for r in log], alpha=0.5, label=f"class {i + 1}")
-    ax[2].plot(ep, [r["lr"] for r in log], label="learning rate")
-    ax[3].plot(ep, [r["epoch_s"] for r in log], label="epoch seconds")
+    ax[0].plot(ep, [r["train_loss"] for r in log], label="train loss", **style)
+    ax[0].plot(ep, [r["val_loss"] for r in log], label="validation loss", **style)
+    ax[1].plot(ep, [r["ema_dice"] for r in log], label="EMA pseudo-Dice (mean)", color="black", **style)
+    for i, name in enumerate(names):
+        ax[1].plot(ep, [r["pseudo_dice"][i] for r in log], alpha=0.6, label=name, **style)
+    ax[1].set_ylim(-0.02, 1.02)
+    ax[2].plot(ep, [r["lr"] for r in log], label="learning rate", **style)
+    ax[3].plot(ep, [r["epoch_s"] / max(r["iterations"] - (log[i - 1]["iterations"] if i else 0), 1)
+                    for i, r in enumerate(log)], label="seconds per iteration (epoch incl. validation)", **style)
     for a in ax:
         a.legend(loc="best", fontsize=7)
+        a.grid(alpha=0.3)
     ax[3].set_xlabel("epoch")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -196,10 +221,10 @@ def _plot_progress(path: Path, log: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
+def _write_log(folder: Path, log: list[dict[str, Any]], names: list[str]) -> None:
     with atomic_path(folder / LOG_JSONL) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
-    _plot_progress(folder / PROGRESS_PNG, log)
+    _plot_progress(folder / PROGRESS_PNG, log, names)
 
 
 # ------------------------------------------------------------------------------------------------- train a fold
@@ -207,7 +232,7 @@ def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
 
 @dataclass
 class _Setup:
-    """Where and how a fold trains: plans, data, device and precision, fixed before the first epoch."""
+    """Where and how a fold trains: plans, data, device, precision and schedule, fixed before the first epoch."""
 
     plans: dict[str, Any]
     meta: dict[str, Any]
@@ -219,18 +244,18 @@ class _Setup:
     rank: int
     world: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    amp_dtype: torch.dtype | None = None
+    precision: Precision = field(default_factory=Precision)
+    schedule: Schedule | None = None
+    workers: int = 0
+    train_sampling: SamplingIndex | None = None
+    val_sampling: SamplingIndex | None = None
 
 
 def _read_plans(pp: Path, configuration: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``plans.json`` and ``dataset.json`` of the preprocessed dataset, checked to hold ``configuration``."""
-    try:
-        plans = json.loads((pp / PLANS_JSON).read_text())
-        meta = json.loads((pp / DATASET_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{pp}: plans.json/dataset.json missing or unreadable ({e}); "
-                           "run `autoseg plan_and_preprocess` first") from None
-    validate(plans, "plans", str(pp / PLANS_JSON))
+    fix = "run `autoseg plan_and_preprocess` first (it writes plans.json and dataset.json)"
+    plans = read_json(pp / PLANS_JSON, fix, "plans")
+    meta = read_json(pp / DATASET_JSON, fix)
     if configuration not in plans["configurations"]:
         raise AutosegError(f"configuration {configuration} is not in {pp / PLANS_JSON} "
                            f"(planned: {sorted(plans['configurations'])})")
@@ -244,15 +269,18 @@ def _fold_cases(data_folder: Path, results: Path, configuration: str, fold: int 
         raise AutosegError(f"{data_folder}: no preprocessed cases; run `autoseg plan_and_preprocess -c {configuration}`")
     if fold == "all":
         return case_ids, case_ids
-    split = load_or_create_splits(results / SPLITS_JSON, case_ids)[int(fold)]
+    split = load_or_create_splits(results / SPLITS_JSON, case_ids, int(fold))[int(fold)]
     return split["train"], split["val"]
 
 
-def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots) -> _Setup:
-    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json."""
+def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots, encoder: str | None = None) -> _Setup:
+    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json;
+    an ``encoder`` override is recorded in those plans, since predicting rebuilds the network from them."""
     rank, world = _distributed()
     pp = roots.preprocessed / dataset
     plans, meta = _read_plans(pp, configuration)
+    if encoder:
+        plans["configurations"][configuration]["network"]["encoder"] = encoder
     config = plans["configurations"][configuration]
     data_folder = pp / config["data_identifier"]
     results = roots.results / dataset
@@ -267,7 +295,7 @@ def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots) ->
 
 
 def _choose_device(setup: _Setup, opts: TrainOptions) -> None:
-    """Device (one GPU per rank under torchrun), CPU thread count and mixed precision."""
+    """Device (one GPU per rank under torchrun), CPU thread count and data-loading processes."""
     device = pick_device(opts.device)
     if device.type == "cuda" and setup.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -276,29 +304,148 @@ def _choose_device(setup: _Setup, opts: TrainOptions) -> None:
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world))
     setup.device = device
-    if device.type == "cuda":
-        setup.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    setup.workers = opts.num_workers if opts.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 2))
+    tumours = LabelSpec.from_meta(setup.meta).tumour_values()
+    setup.train_sampling = sampling_index(setup.data_folder, setup.train_ids, tumours)
+    setup.val_sampling = sampling_index(setup.data_folder, setup.val_ids, tumours)
 
 
-def _resume(setup: _Setup, model: torch.nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
-            state: dict[str, Any]) -> None:
-    """Restore weights, optimizer, RNG and run state from ``checkpoint_latest.state.pt`` (``--continue``)."""
+def _loader(setup: _Setup, seed: int, train: bool, workers: int, regions: list[list[int]] | None) -> BatchLoader:
+    """The epoch's training (augmented, lesion-aware) or validation batches."""
+    ids, sampling = (setup.train_ids, setup.train_sampling) if train else (setup.val_ids, setup.val_sampling)
+    batch = max(1, setup.config["batch_size"] // setup.world)
+    return BatchLoader(setup.data_folder, ids, setup.config, ds_scales(setup.config), batch, seed, workers, train,
+                       regions, sampling)
+
+
+def _measure(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
+             regions: list[list[int]] | None) -> tuple[Precision, float]:
+    """(the fastest sound precision, seconds to load one augmented batch in-process), timed on real batches.
+
+    The probe runs forward and backward passes only (no optimizer step), so the weights are untouched; its batches
+    come from a loader of their own, so the training data stream is the same as without it.
+    """
+    loader = _loader(setup, opts.seed + 7919, True, 0, regions)
+    try:
+        t0 = time.perf_counter()
+        batches = [next(loader) for _ in range(LOADER_PROBE_BATCHES)]
+        load_s = (time.perf_counter() - t0) / LOADER_PROBE_BATCHES
+    finally:
+        loader.close()
+    x = batches[0]["data"].to(setup.device)
+    targets = [t.to(setup.device) for t in batches[0]["target"]]
+    dims = x.ndim - 2
+
+    def run(mode: str, channels_last: bool) -> torch.Tensor:
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        model.to(memory_format=fmt)
+        model.zero_grad(set_to_none=True)
+        with Precision(mode, channels_last).autocast(setup.device):
+            loss = loss_fn(model(x.contiguous(memory_format=fmt)), targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    model.train()
+    model.deep_supervision = True
+    chosen = probe(run, setup.device, dims, opts.precision)
+    model.to(memory_format=torch.channels_last_3d if chosen.channels_last else torch.contiguous_format)
+    return chosen, load_s
+
+
+def _agree(setup: _Setup, precision: Precision, iterations: int) -> tuple[Precision, int]:
+    """Under torchrun every rank must train alike: rank 0's measured precision and iteration estimate win."""
+    if setup.world == 1:
+        return precision, iterations
+    modes = PRECISIONS[1:]
+    packed = torch.tensor([modes.index(precision.mode), int(precision.channels_last), iterations], dtype=torch.int64)
+    dist.broadcast(packed, 0)
+    mode, channels_last, iterations = packed.tolist()
+    if setup.rank != 0:
+        precision = Precision(modes[mode], bool(channels_last), precision.seconds, "rank 0's measurement")
+    return precision, iterations
+
+
+def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
+              regions: list[list[int]] | None) -> dict[str, Any]:
+    """Measure the precision and choose the schedule from the iterations the budget holds; print why."""
+    precision, load_s = _measure(setup, model, loss_fn, opts, regions)
+    step_s = precision.step_s
+    # seconds per training iteration: the step, the in-process loading it waits for, and its share of validation
+    iter_s = None
+    if step_s is not None:
+        iter_s = step_s + (load_s if setup.workers == 0 else 0.0)
+        iter_s += opts.val_iters / max(opts.iters_per_epoch, 1) * (step_s / 3 + load_s / 2)
+    budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
+    total = budget_iterations(budget_s, iter_s, opts.epochs * opts.iters_per_epoch)
+    precision, total = _agree(setup, precision, total)
+    schedule = choose_schedule(total, opts.optimizer, opts.lr)
+    setup_info = {"precision": precision.to_json(), "schedule": schedule.to_json(),
+                  "estimate": {"step_s": step_s, "load_s": round(load_s, 4), "iteration_s": iter_s,
+                               "budget_min": opts.time_budget_min, "iterations": total,
+                               "workers": setup.workers, "device": str(setup.device)}}
+    if setup.rank == 0:
+        where = f"{opts.time_budget_min:g}-minute budget" if budget_s else f"{opts.epochs} epochs x {opts.iters_per_epoch}"
+        per = f"{iter_s:.2f} s per iteration" if iter_s else "not timed"
+        print(f"precision: {precision.mode}{' + channels-last' if precision.channels_last else ''} on {setup.device} "
+              f"({precision.reason})", flush=True)
+        print(f"schedule: {schedule.optimizer}, initial lr {schedule.initial_lr:g}, warm-up {schedule.warmup_iters} "
+              f"iterations; about {total} iterations in the {where} ({per}, data loading {load_s:.2f} s/batch); "
+              f"{schedule.reason}", flush=True)
+    return setup_info
+
+
+def _resume(setup: _Setup, model: torch.nn.Module, opts: TrainOptions, state: dict[str, Any]
+            ) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
+    """Read ``checkpoint_latest.state.pt`` (``--continue``) into the model and run state; returns the saved setup it
+    must keep, the optimizer state and the torch RNG state (applied once the optimizer exists)."""
     out = setup.out
     if not state_file(out).is_file():
         raise AutosegError(f"{out}: no checkpoint_latest to continue from; start without --continue")
     saved = load_state(out)
-    trained_with = saved.pop("optimizer_name", "sgd")  # saved with each checkpoint, not part of the run state
-    if trained_with != opts.optimizer:
-        raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {trained_with}; "
+    setup_info = saved.pop("setup", None)
+    if not isinstance(setup_info, dict):
+        raise AutosegError(f"{state_file(out)} was written by an older autoseg (no saved precision and schedule); "
+                           "start the run again without --continue")
+    schedule = Schedule.from_json(setup_info.get("schedule", {}))
+    if opts.optimizer != "auto" and opts.optimizer != schedule.optimizer:
+        raise AutosegError(f"{out}: checkpoint_latest was trained with --optimizer {schedule.optimizer}; "
                            f"continue with the same optimizer (got {opts.optimizer})")
+    setup.precision = Precision.from_json(setup_info.get("precision", {}))
+    setup.schedule = schedule
     # weights come from the state file itself: one atomic file, so a kill between writing the
     # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
-    model.load_state_dict(saved.pop("model"))
-    optimizer.load_state_dict(saved.pop("optimizer"))
-    torch.set_rng_state(saved.pop("torch_rng"))
+    fit_weights(model, saved.pop("model"), state_file(out))
+    if setup.precision.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    optimizer_state, rng = saved.pop("optimizer"), saved.pop("torch_rng")
     state.update(saved)
     if setup.rank == 0:
-        print(f"continuing {out} from epoch {state['epoch']}")
+        print(f"continuing {out} from epoch {state['epoch']} ({schedule.optimizer}, {setup.precision.mode})")
+    return setup_info, optimizer_state, rng
+
+
+def _progress(state: dict[str, Any], epoch: int, iters: int, budget_s: float, setup_info: dict[str, Any]
+              ) -> Callable[[int, float], None]:
+    """A reporter for ``train_steps``: a line at most every ``PROGRESS_EVERY_S`` seconds with the iteration, loss,
+    speed and what is left of the budget."""
+    t0 = time.perf_counter()
+    last = [t0]
+    planned = setup_info["estimate"]["iterations"]
+
+    def report(i: int, loss: float) -> None:
+        now = time.perf_counter()
+        if now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        per = (now - t0) / (i + 1)
+        done = state["iterations"] + i + 1
+        left = (f"{(budget_s - state['elapsed'] - (now - t0)) / 60:.1f} min of the budget left"
+                if math.isfinite(budget_s) else f"epoch {epoch + 1} of the run")
+        print(f"  epoch {epoch}  iteration {i + 1}/{iters}  loss {loss:.4f}  {per:.2f} s/it  "
+              f"{done}/{planned} planned iterations  {left}", flush=True)
+
+    return report
 
 
 def _should_stop(state: dict[str, Any], opts: TrainOptions, budget_s: float) -> tuple[bool, float]:
@@ -310,20 +457,16 @@ def _should_stop(state: dict[str, Any], opts: TrainOptions, budget_s: float) -> 
 
 def _run_epoch(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, opts: TrainOptions, fold: int | str, epoch: int,
-               regions: list[list[int]] | None, n_out: int) -> tuple[float, float, torch.Tensor]:
+               regions: list[list[int]] | None, n_out: int, report: Callable[[int, float], None] | None
+               ) -> tuple[float, float, torch.Tensor]:
     """One epoch of training and patch validation: (train loss, validation loss, summed TP/FP/FN per class)."""
-    scales = ds_scales(setup.config)
-    batch = max(1, setup.config["batch_size"] // setup.world)
-    workers = opts.num_workers if opts.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 2))
     seed = _epoch_seed(opts.seed, fold, epoch, setup.rank)
-    train_loader = BatchLoader(setup.data_folder, setup.train_ids, setup.config, scales, batch, seed, workers, True,
-                               regions)
-    val_loader = BatchLoader(setup.data_folder, setup.val_ids, setup.config, scales, batch, seed + 1, 0, False,
-                             regions)
+    train_loader = _loader(setup, seed, True, setup.workers, regions)
+    val_loader = _loader(setup, seed + 1, False, 0, regions)
     try:
         train_loss = train_steps(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, setup.device,
-                                 setup.amp_dtype, scaler, opts.grad_clip)
-        val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, setup.device, setup.amp_dtype,
+                                 setup.precision, scaler, opts.grad_clip, report)
+        val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, setup.device, setup.precision,
                                       regions is not None, n_out)
     finally:
         train_loader.close()
@@ -337,82 +480,95 @@ def _run_epoch(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss,
 
 
 def _record_epoch(state: dict[str, Any], epoch: int, lr: float, epoch_s: float, train_loss: float, val_loss: float,
-                  dice: list[float]) -> None:
-    """Update the EMA pseudo-Dice, time and epoch count of the run state and append the epoch's log record."""
+                  dice: list[float], iters: int) -> None:
+    """Update the EMA pseudo-Dice, time, epoch and iteration counts of the run state and append the log record."""
     seen = [d for d in dice if not math.isnan(d)]
     mean = float(np.mean(seen)) if seen else 0.0
     state["ema"] = mean if state["ema"] is None else EMA_DECAY * state["ema"] + (1 - EMA_DECAY) * mean
     state["elapsed"] += epoch_s
     state["epoch"] = epoch + 1
+    state["iterations"] += iters
     record = {"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
               "pseudo_dice": [round(d, 4) for d in dice], "ema_dice": round(state["ema"], 4),
-              "lr": lr, "epoch_s": round(epoch_s, 2)}
+              "lr": lr, "epoch_s": round(epoch_s, 2), "iterations": state["iterations"]}
     state["log"].append(record)
 
 
-def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
-                state: dict[str, Any], epoch: int, lr: float, epoch_s: float, train_loss: float, val_loss: float,
-                dice: list[float]) -> None:
-    """Checkpoints (best when the EMA improved, latest with the full run state), log and progress line."""
+def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, setup_info: dict[str, Any],
+                state: dict[str, Any], names: list[str]) -> None:
+    """Checkpoints (best when the EMA improved, latest with the full run state), log and the epoch's line."""
+    r = state["log"][-1]
     improved = state["ema"] > state["best"]
     if improved:
         state["best"] = state["ema"]
         save_checkpoint(out, "best", model)
     save_checkpoint(out, "latest", model, {
-        **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "optimizer_name": opts.optimizer,
+        **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "setup": setup_info,
         "torch_rng": torch.get_rng_state(),
     })
-    _write_log(out, state["log"])
-    dice_txt = " ".join("  nan" if math.isnan(d) else f"{d:.3f}" for d in dice)
-    print(f"epoch {epoch:4d}  train {train_loss:.4f}  val {val_loss:.4f}  pseudo-Dice [{dice_txt}]  "
-          f"EMA {state['ema']:.4f}{' *' if improved else ''}  lr {lr:.5f}  {epoch_s:.1f}s", flush=True)
+    _write_log(out, state["log"], names)
+    dice_txt = " ".join(f"{n} {'nan' if math.isnan(d) else f'{d:.3f}'}" for n, d in zip(names, r["pseudo_dice"]))
+    print(f"epoch {r['epoch']:4d}  train {r['train_loss']:.4f}  val {r['val_loss']:.4f}  pseudo-Dice [{dice_txt}]  "
+          f"EMA {state['ema']:.4f}{' *' if improved else ''}  lr {r['lr']:.5f}  {r['epoch_s']:.1f}s  "
+          f"({r['iterations']} iterations)", flush=True)
 
 
 def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOptions, roots: Roots) -> Path:
     """Train one fold (or ``"all"``) of one configuration; returns the fold's output folder."""
-    setup = _prepare(dataset, configuration, fold, roots)
+    setup = _prepare(dataset, configuration, fold, roots, opts.encoder)
     _choose_device(setup, opts)
     device, config, out = setup.device, setup.config, setup.out
-    scaler = torch.amp.GradScaler(device.type, enabled=setup.amp_dtype == torch.float16)
-
+    if setup.rank == 0:  # until this run ends, the fold is unfinished (an older final must not pass for this one's)
+        checkpoint_file(out, "final").unlink(missing_ok=True)
     n_out, regions, rco = label_layout(setup.meta)
+    names = output_names(setup.meta)
     torch.manual_seed(opts.seed)
     model = build_network(config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(device)
-    if device.type == "cuda" and config["dims"] == 3:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = make_optimizer(model, opts)
-    state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "log": []}
+    loss_fn = SegmentationLoss(len(config["network"]["strides"]) - 1, batch_dice=config["dims"] == 3,
+                               regions=regions is not None)
+    state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "iterations": 0, "log": []}
     if opts.continue_training:
-        _resume(setup, model, optimizer, opts, state)
+        setup_info, optimizer_state, rng = _resume(setup, model, opts, state)
+    else:
+        setup_info = _plan_run(setup, model, loss_fn, opts, regions)
+        setup.precision = Precision.from_json(setup_info["precision"])
+        setup.schedule = Schedule.from_json(setup_info["schedule"])
+        optimizer_state = rng = None
+        if setup.rank == 0:
+            write_json(out / TRAINING_SETUP_JSON, setup_info)
+    optimizer = make_optimizer(model, opts, setup.schedule)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(rng)
+    scaler = torch.amp.GradScaler(device.type, enabled=setup.precision.mode == "fp16")
     if setup.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    loss_fn = SegmentationLoss(len(config["network"]["strides"]) - 1, batch_dice=config["dims"] == 3,
-                               regions=regions is not None)
     budget_s = opts.time_budget_min * 60 if opts.time_budget_min else math.inf
     while True:
         epoch = state["epoch"]
         stop, progress = _should_stop(state, opts, budget_s)
         if stop:
             break
-        lr = poly_lr(opts.initial_lr, progress)
+        lr = setup.schedule.lr_at(state["iterations"], progress)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        report = _progress(state, epoch, opts.iters_per_epoch, budget_s, setup_info) if setup.rank == 0 else None
         t0 = time.perf_counter()
         train_loss, val_loss, counts = _run_epoch(setup, model, loss_fn, optimizer, scaler, opts, fold, epoch,
-                                                  regions, n_out)
-        dice = pseudo_dice(counts)
-        epoch_s = time.perf_counter() - t0
-        _record_epoch(state, epoch, lr, epoch_s, train_loss, val_loss, dice)
+                                                  regions, n_out, report)
+        _record_epoch(state, epoch, lr, time.perf_counter() - t0, train_loss, val_loss, pseudo_dice(counts),
+                      opts.iters_per_epoch)
         if setup.rank == 0:
-            _save_epoch(out, _unwrap(model), optimizer, opts, state, epoch, lr, epoch_s, train_loss, val_loss, dice)
+            _save_epoch(out, _unwrap(model), optimizer, setup_info, state, names)
     if setup.rank == 0:
-        save_checkpoint(out, "final", _unwrap(model))
+        print(f"trained {state['iterations']} iterations in {state['elapsed'] / 60:.1f} min "
+              f"(estimated {setup_info['estimate']['iterations']})", flush=True)
         if opts.validate:
             summary = validate_fold(_unwrap(model), setup.data_folder, out, setup.val_ids, config, setup.meta,
                                     roots.raw / dataset / LABELS_TR, rco, device, opts.save_probabilities)
             print(f"validation mean Dice per label: {summary['mean_dice']}")
+        save_checkpoint(out, "final", _unwrap(model))  # last: a run that fails before here is visibly unfinished
     if setup.world > 1:
         dist.barrier()
     return out

@@ -6,7 +6,6 @@ of the same fold segments each case on its own preprocessed grid, and the fold's
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..atomic import write_json
 from ..errors import AutosegError
 from ..inference.cascade import stage2_boxes
 from ..inference.predictor import Predictor, cascade_log, predict_probabilities, previous_stage_dir, probe_precision
+from ..jsonfile import read_json
 from ..io.images import read_image, write_image, write_probabilities
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import SUMMARY_JSON, VALIDATION, preprocessed_files
@@ -34,13 +34,14 @@ def _stage1(out: Path, config: dict[str, Any], device: torch.device, mirror: boo
 
 
 def _load_case(folder: Path, case: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Image (memory-mapped) and properties of one preprocessed case of ``folder`` (a data identifier)."""
     files = preprocessed_files(case)
+    fix = f"rerun `autoseg plan_and_preprocess -c {folder.name}` to regenerate the case"
+    props = read_json(folder / files["props"], fix, "case_properties")
     try:
-        props = json.loads((folder / files["props"]).read_text())
         data = np.load(folder / files["data"], mmap_mode="r", allow_pickle=False)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutosegError(f"{folder}: preprocessed case {case} missing or unreadable ({e}); run "
-                           f"`autoseg plan_and_preprocess -c {folder.name}` for this dataset") from None
+    except (OSError, ValueError) as e:
+        raise AutosegError(f"{folder / files['data']}: missing or unreadable ({e}); {fix}") from None
     return data, props
 
 
