@@ -121,3 +121,12 @@ def test_foreground_locations_bounded_and_correct():
         assert np.all(seg[tuple(coords.T)] == v)
         assert fg[f"component_{v}"].tolist() == [1] * len(coords)
     assert all(np.array_equal(fg[k], foreground_locations(seg, "x", 50)[k]) for k in fg)
+
+
+@pytest.mark.parametrize("border", [0, 3])  # nothing to crop, or a crop
+def test_preprocess_case_leaves_its_input_unchanged(border):
+    data, seg, geo = sphere_case(spacing_zyx=(1.0, 1.0, 1.0), border=border)
+    data = data.astype(np.float32)
+    kept = data.copy()
+    preprocess_case(data, seg, geo, config((1.0, 1.0, 1.0)), NORM)
+    np.testing.assert_array_equal(data, kept)  # a cascade preprocesses one image for both stages

@@ -103,3 +103,26 @@ def test_pick_voxel_and_index_validation(tmp_path):
     with pytest.raises(ValueError, match="other cases"):
         BatchLoader(tmp_path, ["a"], {"patch_size": [8, 8, 8], "batch_size": 2}, [[1, 1, 1]], num_workers=0,
                     sampling=SamplingIndex.build(["b"], [{}], []))
+
+
+def test_cascade_stage2_random_patches_stay_inside_the_organ_rois(tmp_path):
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[4:10, 5:15, 5:15] = 1  # one organ in a corner of the image
+    write_case(tmp_path, "a", seg)
+    config = {"patch_size": [4, 4, 4], "batch_size": 2, "spacing": [2.0, 1.0, 1.0], "previous_stage": "3d_lowres",
+              "roi_margin_mm": 2.0}
+    index = sampling_index(tmp_path, ["a"], [], config)
+    assert index.rois == (((slice(3, 11), slice(3, 17), slice(3, 17)),),)  # 2 mm: 1 voxel in z, 2 in-plane
+    rng = np.random.default_rng(0)
+    centres = np.array([index.random_centre(0, rng) for _ in range(2000)])
+    assert centres.min(0).tolist() == [3, 3, 3] and centres.max(0).tolist() == [10, 16, 16]
+    plain = sampling_index(tmp_path, ["a"], [], {**config, "previous_stage": None})
+    assert plain.rois is None and plain.random_centre(0, rng) is None
+    # through the loader: no patch (random or centred) lies wholly outside the ROI
+    loader = BatchLoader(tmp_path, ["a"], config, [[1, 1, 1]], augment=False, num_workers=0, sampling=index)
+    ids = (np.arange(np.prod(SHAPE)) + 1).reshape(SHAPE)
+    roi_ids = ids[3:11, 3:17, 3:17].ravel()
+    for _ in range(100):
+        for patch in next(loader)["data"][:, 0].numpy():
+            assert np.isin(patch[patch > 0], roi_ids).any()
+    loader.close()

@@ -307,12 +307,10 @@ class Predictor:
         return cls(plans, meta, configuration, models, dev, mirror, step, chosen_precision, stage1)
 
     def preprocess(self, data: np.ndarray, geometry: "Geometry") -> tuple[np.ndarray, dict]:
-        """The training preprocessing of a raw (C, Z, Y, X) image for this configuration: image and properties.
-        ``data`` is copied first: ``preprocess_case`` normalises in place when nothing is cropped, and a cascade
-        preprocesses the same image twice."""
+        """The training preprocessing of a raw (C, Z, Y, X) image for this configuration: image and properties
+        (``data`` itself is left as it is, so a cascade can preprocess it for both stages)."""
         try:
-            pre, _, props = preprocess_case(np.array(data, dtype=np.float32), None, geometry, self.config,
-                                            self.plans["normalization"])
+            pre, _, props = preprocess_case(data, None, geometry, self.config, self.plans["normalization"])
         except ValueError as e:
             raise AutosegError(str(e)) from None
         return pre, props

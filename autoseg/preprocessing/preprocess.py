@@ -83,7 +83,9 @@ def preprocess_case(
         raise ValueError("image holds NaN or Inf values")
     box = nonzero_bbox(data)
     sl = tuple(slice(a, b) for a, b in box)
-    data = normalize(np.ascontiguousarray(data[(slice(None),) + sl], dtype=np.float32), normalization)
+    # np.array copies: normalisation works in place, and the caller's image must stay as it was (a cascade
+    # preprocesses the same image for both stages)
+    data = normalize(np.array(data[(slice(None),) + sl], dtype=np.float32), normalization)
     spacing = geometry.spacing_zyx
     new_shape = target_shape(data.shape[1:], spacing, config["spacing"])
     require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0]),

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import AutosegError
 from ..layout import preprocessed_files
+from ..inference.cascade import roi_boxes
 from .sampling import SamplingIndex, pick_voxel
 
 
@@ -119,9 +120,21 @@ def load_case(folder: Path, case_id: str) -> PreprocessedCase:
     return PreprocessedCase(case_id, data, seg, {c: v[0] for c, v in fg.items()}, {c: v[1] for c, v in fg.items()})
 
 
-def sampling_index(folder: Path, case_ids: Sequence[str], tumour_values: Sequence[int]) -> SamplingIndex:
-    """The lesion-aware :class:`SamplingIndex` of ``case_ids`` (reads only their small ``_fg.npz`` files)."""
-    return SamplingIndex.build(case_ids, [read_foreground(Path(folder), c) for c in case_ids], tumour_values)
+def sampling_index(folder: Path, case_ids: Sequence[str], tumour_values: Sequence[int],
+                   config: dict[str, Any] | None = None) -> SamplingIndex:
+    """The lesion-aware :class:`SamplingIndex` of ``case_ids`` (reads their small ``_fg.npz`` files). For a
+    cascade's second stage (``config`` with ``previous_stage``) random patches are kept inside the ground truth's
+    organ ROI boxes, found as prediction finds them on stage 1's result."""
+    folder = Path(folder)
+    fg = [read_foreground(folder, c) for c in case_ids]
+    rois = None
+    if config is not None and config.get("previous_stage"):
+        rois = []
+        for c in case_ids:
+            seg = _read(folder, c, "seg", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+            rois.append(roi_boxes(np.asarray(seg) > 0, config["spacing"], float(config["roi_margin_mm"]),
+                                  config["patch_size"]))
+    return SamplingIndex.build(case_ids, fg, tumour_values, rois)
 
 
 def sample_patch(
@@ -287,7 +300,10 @@ class _Batches(IterableDataset):
             if key not in cache:
                 cache[key] = load_case(self.folder, key)
             case = cache[key]
-            centre = None if label is None else pick_voxel(case.fg[label], case.components[label], component, rng)
+            if label is None:
+                centre = self.sampling.random_centre(index, rng)
+            else:
+                centre = pick_voxel(case.fg[label], case.components[label], component, rng)
             return (key, *sample_patch(case, self.read_size, centre, rng, inner=self.patch))
         except Exception as e:
             raise AutosegError(f"training case {key}: {type(e).__name__}: {e}") from e

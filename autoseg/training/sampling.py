@@ -12,7 +12,9 @@ radiologist most needs found are the ones the network rarely sees. Here every pa
    (jittered by the caller).
 
 The components come from the ``component_<label>`` arrays that preprocessing stores beside the foreground
-coordinates in ``<case>_fg.npz``.
+coordinates in ``<case>_fg.npz``. For a cascade's second stage (a configuration with ``previous_stage``), which only
+ever predicts inside the organ regions of interest, the random share is drawn inside the ground truth's ROI boxes
+(the same :func:`~autoseg.inference.cascade.roi_boxes` as prediction uses on stage 1's result), not anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ..inference.cascade import Box
 
 RANDOM_SHARE = 1.0 / 3.0
 TUMOUR_WEIGHT = 2.0
@@ -46,11 +50,13 @@ class SamplingIndex:
     case_ids: tuple[str, ...]
     components: Mapping[int, np.ndarray]
     shares: Mapping[int, float]
+    rois: tuple[tuple[Box, ...], ...] | None = None  # per case: where random patches go (None: anywhere)
 
     @classmethod
     def build(cls, case_ids: Sequence[str], fg: Sequence[Mapping[int, tuple[np.ndarray, np.ndarray]]],
-              tumour: Sequence[int]) -> "SamplingIndex":
-        """``fg[i]`` maps class -> (coords (K, 3), component ids (K,)) of case ``case_ids[i]``."""
+              tumour: Sequence[int], rois: Sequence[Sequence[Box]] | None = None) -> "SamplingIndex":
+        """``fg[i]`` maps class -> (coords (K, 3), component ids (K,)) of case ``case_ids[i]``; ``rois[i]`` are the
+        boxes random patches of that case are drawn in (a case without boxes: anywhere)."""
         per_class: dict[int, list[np.ndarray]] = {}
         for i, classes in enumerate(fg):
             for c, (coords, comp) in classes.items():
@@ -58,7 +64,8 @@ class SamplingIndex:
                     ids = np.unique(comp)
                     per_class.setdefault(int(c), []).append(np.stack([np.full(len(ids), i), ids], axis=1))
         components = {c: np.concatenate(v).astype(np.int64) for c, v in sorted(per_class.items())}
-        return cls(tuple(case_ids), components, class_shares(list(components), tumour))
+        boxes = None if rois is None else tuple(tuple(r) for r in rois)
+        return cls(tuple(case_ids), components, class_shares(list(components), tumour), boxes)
 
     def draw(self, rng: np.random.Generator) -> tuple[int, int | None, int | None]:
         """(case index, class or None for a random patch, component id or None)."""
@@ -75,6 +82,17 @@ class SamplingIndex:
         comps = self.components[chosen]
         case, comp = comps[int(rng.integers(len(comps)))]
         return int(case), chosen, int(comp)
+
+
+    def random_centre(self, case: int, rng: np.random.Generator) -> np.ndarray | None:
+        """Centre of a random patch of case ``case``: a uniform voxel of its ROI boxes (each box weighted by its
+        volume), or None for anywhere in the image."""
+        boxes = self.rois[case] if self.rois is not None else ()
+        if not boxes:
+            return None
+        sizes = np.array([np.prod([s.stop - s.start for s in b]) for b in boxes], dtype=np.float64)
+        box = boxes[int(rng.choice(len(boxes), p=sizes / sizes.sum()))]
+        return np.array([int(rng.integers(s.start, s.stop)) for s in box], dtype=np.int64)
 
 
 def pick_voxel(coords: np.ndarray, comp: np.ndarray, component: int, rng: np.random.Generator) -> np.ndarray:

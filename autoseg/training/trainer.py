@@ -41,6 +41,7 @@ from ..layout import (
     checkpoint_file, fold_dir, state_file,
 )
 from ..network import build_network, ds_scales
+from ..inference.predictor import previous_stage_dir
 from ..precision import PRECISIONS, Precision, probe
 from .data import BatchLoader, sampling_index
 from .losses import SegmentationLoss
@@ -306,8 +307,8 @@ def _choose_device(setup: _Setup, opts: TrainOptions) -> None:
     setup.device = device
     setup.workers = opts.num_workers if opts.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 2))
     tumours = LabelSpec.from_meta(setup.meta).tumour_values()
-    setup.train_sampling = sampling_index(setup.data_folder, setup.train_ids, tumours)
-    setup.val_sampling = sampling_index(setup.data_folder, setup.val_ids, tumours)
+    setup.train_sampling = sampling_index(setup.data_folder, setup.train_ids, tumours, setup.config)
+    setup.val_sampling = sampling_index(setup.data_folder, setup.val_ids, tumours, setup.config)
 
 
 def _loader(setup: _Setup, seed: int, train: bool, workers: int, regions: list[list[int]] | None) -> BatchLoader:
@@ -516,6 +517,8 @@ def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOptions, roots: Roots) -> Path:
     """Train one fold (or ``"all"``) of one configuration; returns the fold's output folder."""
     setup = _prepare(dataset, configuration, fold, roots, opts.encoder)
+    if opts.validate and "previous_stage" in setup.config:  # fail now, not after training, when stage 1 is missing
+        previous_stage_dir(setup.out.parent, setup.config, [str(fold)])
     _choose_device(setup, opts)
     device, config, out = setup.device, setup.config, setup.out
     if setup.rank == 0:  # until this run ends, the fold is unfinished (an older final must not pass for this one's)
@@ -566,7 +569,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
               f"(estimated {setup_info['estimate']['iterations']})", flush=True)
         if opts.validate:
             summary = validate_fold(_unwrap(model), setup.data_folder, out, setup.val_ids, config, setup.meta,
-                                    roots.raw / dataset / LABELS_TR, rco, device, opts.save_probabilities)
+                                    roots.raw / dataset / LABELS_TR, rco, device, opts.save_probabilities,
+                                    setup.precision)
             print(f"validation mean Dice per label: {summary['mean_dice']}")
         save_checkpoint(out, "final", _unwrap(model))  # last: a run that fails before here is visibly unfinished
     if setup.world > 1:
