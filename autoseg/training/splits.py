@@ -51,7 +51,7 @@ def load_or_create_splits(path: Path, case_ids: list[str], fold: int | None = No
     """The splits in ``path`` if present (a user may have edited them, or an older autoseg may have written other
     folds: they are kept), else new nnU-Net-identical ones written there; with ``fold``, that fold must exist."""
     if path.exists():
-        fix = f"fix the file (a list of {{\"train\": [...], \"val\": [...]}} objects) or delete it to recreate it"
+        fix = 'fix the file (a list of {"train": [...], "val": [...]} objects) or delete it to recreate it'
         splits = read_json(path, fix, "splits")
         unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
         if unknown:

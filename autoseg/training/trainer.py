@@ -370,6 +370,8 @@ def _agree(setup: _Setup, precision: Precision, iterations: int) -> tuple[Precis
 def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
               regions: list[list[int]] | None) -> dict[str, Any]:
     """Measure the precision and choose the schedule from the iterations the budget holds; print why."""
+    if setup.rank == 0:
+        print(f"measuring data loading and a training step in each precision on {setup.device} ...", flush=True)
     precision, load_s = _measure(setup, model, loss_fn, opts, regions)
     step_s = precision.step_s
     # seconds per training iteration: the step, the in-process loading it waits for, and its share of validation
