@@ -7,7 +7,9 @@ load the models' stack.
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "segment", "load_model", "Model", "Segmentation"]
 
 _API = ("segment", "load_model", "Model", "Segmentation")
 

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .atomic import atomic_path
 from .errors import AutosegError
 from .io.dataset import dataset_json_problems

@@ -36,7 +36,7 @@ def validate(obj: Any, kind: str, source: str = "", fix: str = "") -> None:
     supported = _validator(kind).schema.get("properties", {}).get("schema_version", {}).get("const")
     found = obj.get("schema_version") if isinstance(obj, dict) else None
     if supported is not None and found is not None and found != supported:  # say so, not "1 was expected"
-        from . import __version__
+        from .version import __version__
 
         raise AutosegError(
             f"{where}{kind} schema_version {found!r} is not supported: this autoseg ({__version__}) reads "

@@ -28,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "autoseg"
 #  10 cli: every parser and the only reader of sys.argv and the environment; 11 ``python -m autoseg``.
 STAGES = {
     "": 0, "errors": 0, "atomic": 0, "parallel": 0, "schemas": 0, "labels": 0, "layout": 0, "masks": 0,
-    "network": 0, "precision": 0, "checkpoint": 0, "jsonfile": 0, "memory": 0,
+    "network": 0, "precision": 0, "checkpoint": 0, "jsonfile": 0, "memory": 0, "version": 0,
     "io": 1,
     "phantom": 2,
     "planning": 3,

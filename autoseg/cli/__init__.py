@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from .. import __version__
+from ..version import __version__
 from ..errors import AutosegError
 from . import bundle, convert, demo, evaluation, phantom, stages
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..io.dataset import Case, read_case
 from ..labels import LabelSpec
 from ..errors import AutosegError, DatasetError

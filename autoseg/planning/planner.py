@@ -57,7 +57,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..schemas import validate
 
 SCHEMA_VERSION = 1
