@@ -10,7 +10,6 @@ the planned network and the fastest numerically sound one wins, if it beats floa
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -140,27 +139,30 @@ def probe(
     """Time ``run(mode, channels_last)`` (one real step, returning its loss or logits) per candidate and decide.
 
     Each candidate runs once untimed (warm-up; its result is compared with float32's for soundness), then
-    ``repeats`` timed runs whose median counts. ``hardware`` and ``clock`` exist so tests can simulate devices.
+    ``repeats`` rounds time every candidate once, interleaved, and each candidate's fastest round counts: a busy
+    neighbour only ever adds time, and interleaving spreads a burst of it over all candidates instead of one
+    (timed back to back, a spike during one candidate's repeats once made bf16 look 1.6x slower than float32).
+    ``hardware`` and ``clock`` exist so tests can simulate devices.
     """
     cands = candidates(device, dims, requested, hardware(device))
     if len(cands) == 1 and requested != "auto":
         m, cl = cands[0]
         return Precision(m, cl, {}, f"{candidate_name(m, cl)} as asked (not measured)")
-    seconds, sound, reference = {}, {}, None
+    sound, reference = {}, None
     for mode, cl in cands:
-        name = candidate_name(mode, cl)
         out = run(mode, cl)
         if mode == "fp32" and reference is None:
             reference = out
         err = 0.0 if reference is None or mode == "fp32" else relative_error(out, reference)
-        sound[name] = err <= SOUND_RTOL and bool(torch.isfinite(out.detach().float()).all())
-        times = []
-        for _ in range(repeats):
+        sound[candidate_name(mode, cl)] = err <= SOUND_RTOL and bool(torch.isfinite(out.detach().float()).all())
+    times: dict[str, list[float]] = {candidate_name(m, cl): [] for m, cl in cands}
+    for _ in range(max(1, repeats)):
+        for mode, cl in cands:
             t = clock()
             run(mode, cl)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(clock() - t)
-        seconds[name] = round(statistics.median(times), 4)
+            times[candidate_name(mode, cl)].append(clock() - t)
+    seconds = {name: round(min(ts), 4) for name, ts in times.items()}
     mode, cl, reason = decide(seconds, sound, requested)
     return Precision(mode, cl, seconds, reason)

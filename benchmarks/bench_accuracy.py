@@ -6,9 +6,14 @@ held-out test cases are predicted and evaluated. A cascade's budget covers both 
 gets ``STAGE1_SHARE`` of the minutes. Recorded per run: Dice per structure, lesion recall (IoU > 0.5) for lesions
 >= 10 mm and < 10 mm, iterations done, the precision chosen, the device and the CPU model.
 
-Run: ``python benchmarks/bench_accuracy.py [--minutes 5 10 20] [-c 3d_fullres 3d_cascade]``; prints a table,
-writes ``benchmarks/out/accuracy.json`` and ``accuracy.png``. It takes the sum of the minutes per configuration,
-plus a few minutes of prediction each: run it alone on the machine.
+On a shared machine, ``--rate CONFIG=ITERS_PER_MIN`` trains that configuration for the iterations its budget holds
+at a rate measured alone on the same machine (``--epochs`` instead of ``--time-budget``; the schedule is chosen from
+the same iteration count either way), so other jobs slow the run down without changing its result.
+
+Run: ``python benchmarks/bench_accuracy.py [--minutes 5 10 20] [-c 3d_fullres 3d_cascade] [--rate 3d_fullres=88]``;
+prints a table, writes ``benchmarks/out/accuracy.json`` (rows of earlier runs at other budgets are kept) and
+``accuracy.png``. It takes the sum of the minutes per configuration, plus a few minutes of prediction each: run it
+alone on the machine unless every configuration has a ``--rate``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from common import OUT, machine, report  # noqa: E402
 
 NAME = "Dataset501_AbdomenPhantom"
 STAGE1_SHARE = 1 / 3
+ITERS_PER_EPOCH = 25
 STRUCTURES = ("liver", "kidney", "liver_tumor", "kidney_tumor")
 
 
@@ -40,9 +46,11 @@ def autoseg(args: list[str], env: dict, log: Path) -> None:
         raise SystemExit(f"autoseg {' '.join(args)} failed (exit {proc.returncode}); see {log}")
 
 
-def train_stage(configuration: str, minutes: float, env: dict, results: Path, log: Path) -> dict:
-    autoseg(["train", "-d", NAME, "-c", configuration, "-f", "all", "--time-budget", f"{minutes:g}",
-             "--iters-per-epoch", "25", "--val-iters", "4", "--no-validation"], env, log)
+def train_stage(configuration: str, minutes: float, env: dict, results: Path, log: Path, rates: dict) -> dict:
+    length = (["--epochs", str(max(1, round(minutes * rates[configuration] / ITERS_PER_EPOCH)))]
+              if configuration in rates else ["--time-budget", f"{minutes:g}"])
+    autoseg(["train", "-d", NAME, "-c", configuration, "-f", "all", *length,
+             "--iters-per-epoch", str(ITERS_PER_EPOCH), "--val-iters", "4", "--no-validation"], env, log)
     fold = results / NAME / configuration / "fold_all"
     setup = json.loads((fold / "training_setup.json").read_text())
     last = [json.loads(line) for line in (fold / "log.jsonl").read_text().splitlines()][-1]
@@ -52,19 +60,20 @@ def train_stage(configuration: str, minutes: float, env: dict, results: Path, lo
                 json.loads(line)["epoch_s"] for line in (fold / "log.jsonl").read_text().splitlines()), 1)}
 
 
-def run(configuration: str, minutes: float, work: Path, env: dict, plans: dict) -> dict:
+def run(configuration: str, minutes: float, work: Path, env: dict, plans: dict, rates: dict) -> dict:
     results = work / f"results_{configuration}_{minutes:g}"
     env = {**env, "AUTOSEG_RESULTS": str(results)}
     log = work / f"{configuration}_{minutes:g}.log"
     previous = plans["configurations"][configuration].get("previous_stage")
-    row: dict = {"configuration": configuration, "minutes": minutes}
+    row: dict = {"configuration": configuration, "minutes": minutes,
+                 "length": "iterations at a measured rate" if configuration in rates else "time budget"}
     if previous:
-        stage1 = train_stage(previous, minutes * STAGE1_SHARE, env, results, log)
+        stage1 = train_stage(previous, minutes * STAGE1_SHARE, env, results, log, rates)
         row["stage1_iterations"] = stage1["iterations"]
         minutes_2 = minutes * (1 - STAGE1_SHARE)
     else:
         minutes_2 = minutes
-    row.update(train_stage(configuration, minutes_2, env, results, log))
+    row.update(train_stage(configuration, minutes_2, env, results, log, rates))
     pred, evaluation = work / f"pred_{configuration}_{minutes:g}", work / f"eval_{configuration}_{minutes:g}"
     raw = work / "raw" / NAME
     t = time.perf_counter()
@@ -82,6 +91,19 @@ def run(configuration: str, minutes: float, work: Path, env: dict, plans: dict) 
             row[f"{tumour}_recall_{size}"] = None if d.get("recall") is None else round(d["recall"], 3)
             row[f"{tumour}_n_{size}"] = d.get("n_reference", 0)
     return row
+
+
+def merged(rows: list[dict], path: Path) -> list[dict]:
+    """``rows`` plus the rows of an earlier run in ``path`` at other (configuration, minutes), from the same CPU."""
+    try:
+        earlier = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return rows
+    done = {(r["configuration"], r["minutes"]) for r in rows}
+    cpu = machine()["cpu"]
+    kept = [r for r in earlier if isinstance(r, dict) and r.get("cpu") == cpu
+            and (r.get("configuration"), r.get("minutes")) not in done]
+    return sorted(kept + rows, key=lambda r: (r["configuration"], r["minutes"]))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -115,8 +137,20 @@ def main() -> int:
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20], help="training budgets (default 5 10 20)")
     p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres", "3d_cascade"],
                    help="configurations to compare (default 3d_fullres 3d_cascade; one not planned is skipped)")
+    p.add_argument("--rate", action="append", default=[], metavar="CONFIG=ITERS_PER_MIN",
+                   help="train CONFIG for the iterations its budget holds at this rate (measured alone on this "
+                        "machine) instead of by wall time; repeat per configuration (a cascade's stages separately)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (printed) for inspection")
     args = p.parse_args()
+    rates = {}
+    for item in args.rate:
+        config, _, value = item.partition("=")
+        try:
+            rates[config] = float(value)
+        except ValueError:
+            p.error(f"--rate {item!r}: give CONFIG=ITERS_PER_MIN, e.g. 3d_fullres=88")
+        if not rates[config] > 0:
+            p.error(f"--rate {item!r}: the rate must be positive")
     work = Path(tempfile.mkdtemp(prefix="autoseg-bench-accuracy-"))
     env = {**os.environ, "AUTOSEG_RAW": str(work / "raw"), "AUTOSEG_PREPROCESSED": str(work / "pp")}
     try:
@@ -131,10 +165,11 @@ def main() -> int:
                 print(f"{config}: not planned for this dataset, skipped", flush=True)
                 continue
             for minutes in args.minutes:
-                row = {**run(config, minutes, work, env, plans), "cpu": machine()["cpu"]}
+                row = {**run(config, minutes, work, env, plans, rates), "cpu": machine()["cpu"]}
                 rows.append(row)
                 print(row, flush=True)
         OUT.mkdir(parents=True, exist_ok=True)
+        rows = merged(rows, OUT / "accuracy.json")
         report("accuracy", rows, ["configuration", "minutes", "iterations", "precision", "optimizer",
                                   *[f"{s}_dice" for s in STRUCTURES], "liver_tumor_recall_>=10mm",
                                   "liver_tumor_recall_<10mm", "kidney_tumor_recall_>=10mm", "kidney_tumor_recall_<10mm",

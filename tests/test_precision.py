@@ -58,6 +58,25 @@ def test_bf16_reported_but_slower_falls_back_to_fp32():
     assert set(p.seconds) == {"fp32", "bf16"}
 
 
+def test_load_arriving_halfway_through_the_probe_does_not_decide():
+    """A neighbour's job starts halfway through the probe and makes every later step 5x slower. Timed back to back
+    (every float32 step first, then every bf16 one) bf16 would look slower; interleaved rounds each give every
+    candidate a step before the load arrived."""
+    base, state, calls = {"fp32": 0.8, "bf16": 0.3}, {"t": 0.0}, []
+    ref = torch.linspace(1, 2, 100)
+
+    def run(mode, channels_last):
+        calls.append(mode)
+        spike = 5.0 if len(calls) > 7 else 1.0
+        state["t"] += base[mode] * spike * (0.9 if channels_last else 1.0)
+        return ref
+
+    p = probe(run, CPU, 3, repeats=2, hardware=lambda d: "bf16", clock=lambda: state["t"])
+    assert p.mode == "bf16", p.reason
+    assert calls[4:8] == ["fp32", "fp32", "bf16", "bf16"]  # a round times each candidate once, in turn
+    assert p.seconds["fp32"] == pytest.approx(0.8) and p.seconds["bf16"] == pytest.approx(0.3)
+
+
 def test_marginal_gain_is_not_enough():
     run, clock = simulated({"fp32": 1.0, "bf16": 1.0 / (MIN_GAIN - 0.05)})
     assert probe(run, CPU, 2, hardware=lambda d: "bf16", clock=clock).mode == "fp32"
