@@ -1,7 +1,8 @@
 """``autoseg demo``: the whole pipeline on a synthetic abdominal CT dataset, as a user would run it.
 
-phantom -> plan_and_preprocess -> train (time-budgeted) -> predict the test cases -> evaluate -> report, each
-step through the same pipeline functions as its command, in a self-contained folder (its own raw, preprocessed and
+phantom -> plan_and_preprocess -> configure (measure what the budget holds of ``3d_fullres`` and ``2d`` and pick
+one, :func:`~autoseg.training.schedule.choose_configuration`) -> train (time-budgeted) -> predict the test cases ->
+evaluate -> report, each step through the same pipeline functions as its command, in a self-contained folder (its own raw, preprocessed and
 results roots). At the end it prints the Dice table, checks the demo's quality targets and says where the report is.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +21,7 @@ from .jsonfile import read_json
 from .layout import IMAGES_TS, LABELS_TS, SUMMARY_JSON, Roots, checkpoint_file, fold_dir, state_file
 from .parallel import DEFAULT_WORKERS
 from .phantom import write_dataset
+from .training.schedule import choose_configuration
 from .training.trainer import TrainOptions
 
 NAME = "Dataset501_AbdomenPhantom"
@@ -51,6 +54,26 @@ def quality_table(summary: dict[str, Any]) -> tuple[list[str], bool]:
     return lines, ok
 
 
+CANDIDATES = ("3d_fullres", "2d")  # 2d trains on the 3d_fullres data, so both are preprocessed once
+
+
+def _choose(roots: Roots, opts: TrainOptions) -> str:
+    """The configuration to train: one with a finished or started model (a rerun), else the one the budget suits
+    best, measured (``schedule.choose_configuration``); prints the measurements and the reason."""
+    for c in CANDIDATES:
+        fold = fold_dir(roots.results / NAME / c, "all")
+        if checkpoint_file(fold, "final").is_file() or state_file(fold).is_file():
+            print(f"{c}: a model of it is already in {fold}; keeping it")
+            return c
+    estimates = {c: pipeline.estimate_training(roots, NAME, c, opts) for c in CANDIDATES}
+    for c, e in estimates.items():
+        per = f"{e['iteration_s']:.2f} s per iteration" if e["iteration_s"] else "not timed"
+        print(f"  {c}: {per}, about {e['iterations']} iterations in {opts.time_budget_min:g} minutes")
+    chosen, why = choose_configuration({c: e["iterations"] for c, e in estimates.items()})
+    print(f"configuration: {why}", flush=True)
+    return chosen
+
+
 def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget: float = 11.0, epochs: int = 1000,
              iters_per_epoch: int = 25, val_iters: int = 4, seed: int = 0, device: str = "auto",
              tta: bool = False) -> bool:
@@ -60,20 +83,28 @@ def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget:
     roots = Roots(raw=out / "raw", preprocessed=out / "preprocessed", results=out / "results")
     raw = roots.raw / NAME
     pred, evaluation, report = out / "predictions", out / "evaluation", out / "report"
-    fold = fold_dir(roots.results / NAME / "3d_fullres", "all")
-    train: Callable[[], Any] | None = None
-    if not checkpoint_file(fold, "final").is_file():  # a finished model: a rerun goes straight to prediction
-        opts = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                            time_budget_min=time_budget, device=device, seed=seed,
-                            continue_training=state_file(fold).is_file(), validate=False)
-        train = partial(pipeline.train, roots, NAME, "3d_fullres", "all", opts)
-    steps: list[tuple[str, Callable[[], Any] | None]] = [
+    opts = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                        time_budget_min=time_budget, device=device, seed=seed, validate=False)
+    chosen: list[str] = []  # the configuration, once the configure step has measured it
+
+    def configure() -> None:
+        chosen.append(_choose(roots, opts))
+
+    def train() -> None:
+        fold = fold_dir(roots.results / NAME / chosen[0], "all")
+        if checkpoint_file(fold, "final").is_file():  # a finished model: a rerun goes straight to prediction
+            print(f"already trained: {fold}")
+            return
+        pipeline.train(roots, NAME, chosen[0], "all", replace(opts, continue_training=state_file(fold).is_file()))
+
+    steps: list[tuple[str, Callable[[], Any]]] = [
         ("phantom", partial(write_dataset, roots.raw, train_cases, seed, "demo", test_cases, NAME)),
         ("plan_and_preprocess", partial(pipeline.plan_and_preprocess, roots, NAME, ["3d_fullres"], 2,
                                         device="gpu" if device == "cuda" else "auto")),
+        ("configure", configure),
         ("train", train),
-        ("predict", partial(pipeline.predict, roots, raw / IMAGES_TS, pred, dataset=NAME, configuration="3d_fullres",
-                            device=device, mirror=tta)),
+        ("predict", lambda: pipeline.predict(roots, raw / IMAGES_TS, pred, dataset=NAME, configuration=chosen[0],
+                                             device=device, mirror=tta)),
         ("evaluate", partial(pipeline.evaluate, roots, raw / LABELS_TS, pred, evaluation, dataset=NAME,
                              num_workers=DEFAULT_WORKERS)),
         ("report", partial(pipeline.report, roots, pred, report, raw / IMAGES_TS, dataset=NAME,
@@ -82,9 +113,6 @@ def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget:
     start = time.perf_counter()
     timings = []
     for name, step in steps:
-        if step is None:
-            print(f"\n== {name}: already done in {out}, skipped")
-            continue
         print(f"\n== {name}", flush=True)
         t = time.perf_counter()
         try:
@@ -94,7 +122,7 @@ def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget:
         timings.append((name, time.perf_counter() - t))
     summary = read_json(evaluation / SUMMARY_JSON, "rerun `autoseg demo` (it evaluates again)")
     lines, ok = quality_table(summary)
-    print("\n== demo quality on the held-out test cases")
+    print(f"\n== demo quality on the held-out test cases ({chosen[0]})")
     print("\n".join(lines))
     print("\n== time per step: " + ", ".join(f"{n} {s:.0f} s" for n, s in timings)
           + f"; total {time.perf_counter() - start:.0f} s")

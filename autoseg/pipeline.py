@@ -33,7 +33,7 @@ from .planning.fingerprint import compute_fingerprint
 from .planning.planner import plan
 from .preprocessing.preprocess import preprocess_dataset
 from .schemas import validate
-from .training.trainer import TrainOptions, train_fold
+from .training.trainer import TrainOptions, estimate_run, train_fold
 
 
 def planning_device(choice: str) -> str:
@@ -122,6 +122,12 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
 def train(roots: Roots, dataset: str, configuration: str, fold: int | str, opts: TrainOptions) -> Path:
     """Train one fold (or ``all``) of one configuration; returns the fold's folder."""
     return train_fold(results_dataset(roots, dataset), configuration, fold, opts, roots)
+
+
+def estimate_training(roots: Roots, dataset: str, configuration: str, opts: TrainOptions) -> dict[str, Any]:
+    """What a run of ``configuration`` would get in ``opts``' budget (precision, seconds per iteration, iterations),
+    measured on this device; trains and writes nothing."""
+    return estimate_run(results_dataset(roots, dataset), configuration, opts, roots)
 
 
 def inference_models(dataset_dir: Path, configuration: str | None, folds: list[str] | None,

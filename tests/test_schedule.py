@@ -3,7 +3,10 @@
 import pytest
 
 from autoseg.errors import AutosegError
-from autoseg.training.schedule import ADAMW_BELOW_ITERS, DEFAULT_LR, Schedule, budget_iterations, choose_schedule
+from autoseg.training.schedule import (
+    ADAMW_BELOW_ITERS, DECAY_FRACTION, DEFAULT_LR, MIN_3D_ITERS, Schedule, budget_iterations,
+    choose_configuration, choose_schedule,
+)
 
 
 def test_short_budget_gets_adamw_with_warmup():
@@ -15,7 +18,10 @@ def test_short_budget_gets_adamw_with_warmup():
     assert s.warmup_iters == 46  # 5% of the run
     assert s.lr_at(0, 0.0) == pytest.approx(DEFAULT_LR["adamw"] * (0.1 + 0.9 / 46))
     assert s.lr_at(45, 45 / 923) == pytest.approx(DEFAULT_LR["adamw"])
-    assert s.lr_at(46, 46 / 923) < s.lr_at(45, 45 / 923)
+    # stable after the warm-up until the last DECAY_FRACTION of the run, then linear to zero
+    assert s.lr_at(46, 46 / 923) == s.lr_at(600, 0.65) == s.initial_lr
+    assert s.lr_at(700, 1 - DECAY_FRACTION) == pytest.approx(s.initial_lr)
+    assert s.lr_at(830, 0.9) == pytest.approx(s.initial_lr * 0.1 / DECAY_FRACTION)
     assert s.lr_at(923, 1.0) == 0.0
     assert "923 iterations" in s.reason
 
@@ -31,8 +37,10 @@ def test_no_budget_uses_the_epoch_cap_and_progress_drives_the_decay():
     assert budget_iterations(None, 0.5, 5000) == 5000
     assert budget_iterations(600, float("nan"), 5000) == 5000
     s = choose_schedule(5000)
-    assert s.lr_at(1000, 0.99) < s.lr_at(1000, 0.2) < s.lr_at(1000, 0.0) == s.initial_lr
+    assert s.lr_at(1000, 0.99) < s.lr_at(1000, 0.9) < s.lr_at(1000, 0.2) == s.lr_at(1000, 0.0) == s.initial_lr
     assert s.lr_at(1000, 1.0) == 0.0 and s.lr_at(1000, 1.7) == 0.0
+    sgd = choose_schedule(5000, optimizer="sgd")  # nnU-Net's poly decay over the whole run
+    assert sgd.lr_at(1000, 0.5) == pytest.approx(sgd.initial_lr * 0.5**0.9)
 
 
 def test_saved_schedule_round_trip_and_validation():
@@ -55,3 +63,15 @@ def test_user_choice_wins_and_bad_values_are_refused():
             choose_schedule(500, lr=bad)
     with pytest.raises(AutosegError, match="at least one"):
         choose_schedule(0)
+
+
+def test_configuration_for_the_budget():
+    # this CPU: 3d_fullres 1.6 s and 2d 0.36 s per iteration in an 11-minute budget
+    name, why = choose_configuration({"3d_fullres": 412, "2d": 1833})
+    assert name == "2d" and "1833" in why and "412" in why
+    # a GPU: the same budget holds thousands of 3D iterations
+    assert choose_configuration({"3d_fullres": MIN_3D_ITERS, "2d": 9000})[0] == "3d_fullres"
+    assert choose_configuration({"3d_fullres": MIN_3D_ITERS - 1, "2d": 9000})[0] == "2d"
+    assert choose_configuration({"3d_fullres": 10})[0] == "3d_fullres"  # nothing else planned
+    with pytest.raises(AutosegError, match="plan_and_preprocess"):
+        choose_configuration({})

@@ -274,9 +274,10 @@ def _fold_cases(data_folder: Path, results: Path, configuration: str, fold: int 
     return split["train"], split["val"]
 
 
-def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots, encoder: str | None = None) -> _Setup:
-    """Read the plans, choose the fold's cases and (rank 0) create the output folder with plans and dataset.json;
-    an ``encoder`` override is recorded in those plans, since predicting rebuilds the network from them."""
+def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots, encoder: str | None = None,
+             create: bool = True) -> _Setup:
+    """Read the plans, choose the fold's cases and (rank 0, ``create``) create the output folder with plans and
+    dataset.json; an ``encoder`` override is recorded in those plans, since predicting rebuilds the network from them."""
     rank, world = _distributed()
     pp = roots.preprocessed / dataset
     plans, meta = _read_plans(pp, configuration)
@@ -287,7 +288,7 @@ def _prepare(dataset: str, configuration: str, fold: int | str, roots: Roots, en
     results = roots.results / dataset
     train_ids, val_ids = _fold_cases(data_folder, results, configuration, fold)
     out = fold_dir(results / configuration, fold)
-    if rank == 0:
+    if rank == 0 and create:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # left by a run killed while writing a checkpoint or log
         write_json(results / configuration / PLANS_JSON, plans)
@@ -367,9 +368,9 @@ def _agree(setup: _Setup, precision: Precision, iterations: int) -> tuple[Precis
     return precision, iterations
 
 
-def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
-              regions: list[list[int]] | None) -> dict[str, Any]:
-    """Measure the precision and choose the schedule from the iterations the budget holds; print why."""
+def _estimate(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
+              regions: list[list[int]] | None) -> tuple[Precision, float, float | None, int]:
+    """(precision, seconds to load a batch, seconds per iteration, iterations the run holds), measured."""
     if setup.rank == 0:
         print(f"measuring data loading and a training step in each precision on {setup.device} ...", flush=True)
     precision, load_s = _measure(setup, model, loss_fn, opts, regions)
@@ -380,7 +381,30 @@ def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, 
         iter_s = step_s + (load_s if setup.workers == 0 else 0.0)
         iter_s += opts.val_iters / max(opts.iters_per_epoch, 1) * (step_s / 3 + load_s / 2)
     budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
-    total = budget_iterations(budget_s, iter_s, opts.epochs * opts.iters_per_epoch)
+    return precision, load_s, iter_s, budget_iterations(budget_s, iter_s, opts.epochs * opts.iters_per_epoch)
+
+
+def estimate_run(dataset: str, configuration: str, opts: TrainOptions, roots: Roots) -> dict[str, Any]:
+    """What a run of ``configuration`` on every case would get, measured as ``train_fold`` measures it before its
+    first epoch (precision, seconds per iteration, iterations ``opts``' budget holds); trains and writes nothing."""
+    setup = _prepare(dataset, configuration, "all", roots, opts.encoder, create=False)
+    _choose_device(setup, opts)
+    n_out, regions, _ = label_layout(setup.meta)
+    torch.manual_seed(opts.seed)
+    model = build_network(setup.config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(setup.device)
+    loss_fn = SegmentationLoss(len(setup.config["network"]["strides"]) - 1, batch_dice=setup.config["dims"] == 3,
+                               regions=regions is not None)
+    precision, _, iter_s, total = _estimate(setup, model, loss_fn, opts, regions)
+    return {"configuration": configuration, "precision": precision.to_json(), "iteration_s": iter_s,
+            "iterations": total}
+
+
+def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, opts: TrainOptions,
+              regions: list[list[int]] | None) -> dict[str, Any]:
+    """Measure the precision and choose the schedule from the iterations the budget holds; print why."""
+    precision, load_s, iter_s, total = _estimate(setup, model, loss_fn, opts, regions)
+    step_s = precision.step_s
+    budget_s = opts.time_budget_min * 60 if opts.time_budget_min else None
     precision, total = _agree(setup, precision, total)
     schedule = choose_schedule(total, opts.optimizer, opts.lr)
     setup_info = {"precision": precision.to_json(), "schedule": schedule.to_json(),
