@@ -85,11 +85,14 @@ def run(configuration: str, minutes: float, work: Path, env: dict, plans: dict, 
         value = summary["structures"].get(s, {}).get("dice_mean")
         row[f"{s}_dice"] = None if value is None else round(value, 3)
     for tumour in ("liver_tumor", "kidney_tumor"):
-        det = summary.get("lesion_detection", {}).get(tumour, {}).get("iou", {})
+        lesions = summary.get("lesion_detection", {}).get(tumour, {})
         for size in (">=10mm", "<10mm"):
-            d = det.get(size, {})
+            d, a = lesions.get("iou", {}).get(size, {}), lesions.get("any", {}).get(size, {})
             row[f"{tumour}_recall_{size}"] = None if d.get("recall") is None else round(d["recall"], 3)
+            row[f"{tumour}_recall_any_{size}"] = None if a.get("recall") is None else round(a["recall"], 3)
             row[f"{tumour}_n_{size}"] = d.get("n_reference", 0)
+        precision = lesions.get("any", {}).get("all", {}).get("precision")  # found lesions that are real
+        row[f"{tumour}_precision_any"] = None if precision is None else round(precision, 3)
     return row
 
 

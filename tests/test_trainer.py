@@ -250,6 +250,28 @@ def test_adamw_runs_and_continue_keeps_the_optimizer(phantom6, tmp_path):
                    roots)
 
 
+def test_rank_trains_in_the_agreed_memory_format(phantom6, tmp_path, monkeypatch):
+    # under torchrun each rank probes for itself; when rank 0 chose contiguous and this rank's probe chose
+    # channels-last, this rank must train contiguous too (DDP refuses parameters whose strides differ between ranks)
+    from autoseg.precision import Precision
+    own = Precision("fp32", True, {"fp32+channels_last": 0.1}, "this rank's probe")
+    agreed = Precision("fp32", False, {"fp32": 0.1}, "rank 0's measurement")
+    monkeypatch.setattr(trainer, "probe", lambda *a, **k: own)
+    monkeypatch.setattr(trainer, "_agree", lambda setup, precision, total: (agreed, total))
+    seen = {}
+    make = trainer.make_optimizer
+
+    def spy(model, opts, schedule):
+        w = next(p for p in model.parameters() if p.ndim == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+        seen["contiguous"] = w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last_3d)
+        return make(model, opts, schedule)
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy)
+    train_fold(NAME, "3d_fullres", "all", TrainOptions(epochs=1, iters_per_epoch=1, val_iters=1, validate=False,
+                                                       **QUICK), with_results(phantom6, tmp_path / "agree"))
+    assert seen["contiguous"]
+
+
 # ------------------------------------------------------------------------------------------------- overfit
 
 

@@ -46,7 +46,7 @@ from ..precision import PRECISIONS, Precision, probe
 from .data import BatchLoader, sampling_index
 from .losses import SegmentationLoss
 from .sampling import SamplingIndex
-from .schedule import Schedule, budget_iterations, choose_schedule
+from .schedule import MIN_3D_ITERS, Schedule, budget_iterations, choose_schedule
 from .splits import load_or_create_splits
 from .validation import validate_fold
 
@@ -419,6 +419,10 @@ def _plan_run(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, 
         print(f"schedule: {schedule.optimizer}, initial lr {schedule.initial_lr:g}, warm-up {schedule.warmup_iters} "
               f"iterations; about {total} iterations in the {where} ({per}, data loading {load_s:.2f} s/batch); "
               f"{schedule.reason}", flush=True)
+        if budget_s and setup.config["dims"] == 3 and total < MIN_3D_ITERS:
+            print(f"note: {total} iterations are fewer than the {MIN_3D_ITERS} a 3D configuration needed to learn "
+                  "the tumours on the demo phantom; `-c 2d` gets more in the same budget (on a CPU a 2d iteration "
+                  "costs about a quarter of a 3D one); `autoseg demo` measures both and chooses", flush=True)
     return setup_info
 
 
@@ -443,8 +447,6 @@ def _resume(setup: _Setup, model: torch.nn.Module, opts: TrainOptions, state: di
     # weights come from the state file itself: one atomic file, so a kill between writing the
     # .safetensors and the state can never pair one epoch's weights with another epoch's optimizer
     fit_weights(model, saved.pop("model"), state_file(out))
-    if setup.precision.channels_last:
-        model.to(memory_format=torch.channels_last_3d)
     optimizer_state, rng = saved.pop("optimizer"), saved.pop("torch_rng")
     state.update(saved)
     if setup.rank == 0:
@@ -565,6 +567,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         optimizer_state = rng = None
         if setup.rank == 0:
             write_json(out / TRAINING_SETUP_JSON, setup_info)
+    # the agreed memory format: under torchrun a rank whose own probe chose differently must still match rank 0
+    model.to(memory_format=torch.channels_last_3d if setup.precision.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, opts, setup.schedule)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
