@@ -226,12 +226,12 @@ def predict_preprocessed(
                                     precision=precision, progress=progress, members=uncertainty, regions=regions)
             if uncertainty:
                 logits, member = logits[:n_out], logits[n_out:]
-                stats = member if stats is None else stats.add_(member)
+                stats = member if stats is None else stats + member  # inference tensors: not in place
             p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
             total = p if total is None else total.add_(p)
         probs = total / len(models)
         if stats is not None:
-            stats /= len(models)
+            stats = stats / len(models)
             probs = torch.cat([probs, mutual_information(stats[:n_out], stats[n_out], regions)[None]])
         return probs.numpy()
 
