@@ -11,6 +11,11 @@ on CUDA without bf16), each with and without channels-last, and runs the sliding
 
 A configuration with ``previous_stage`` (``3d_cascade``) first predicts that stage on the whole volume, then runs
 its own sliding window only inside boxes around the stage-1 foreground (:mod:`autoseg.inference.cascade`).
+
+``predict --uncertainty`` keeps what the averaging throws away: each mirroring's probabilities and entropy are summed
+next to the logits (``members=True``), the folds' sums are combined into the mutual information, and
+:func:`write_uncertainty` writes the maps and the review flag (:mod:`autoseg.inference.uncertainty`). The logits,
+hence the mask, are the same with and without it.
 """
 
 from __future__ import annotations
