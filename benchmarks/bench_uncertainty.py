@@ -9,7 +9,8 @@ test cases with and without ``--uncertainty`` (wall time and peak memory of each
   the calibrated flag, per structure and per case (a case is low when any structure is, flagged when any is);
 * per predicted tumour lesion: the AUROC of its confidence (and of its mean probability) for separating lesions
   that overlap a reference lesion from false positives;
-* the extra time and peak memory of ``--uncertainty``.
+* the extra time and peak memory of ``--uncertainty`` (``--timing-folds``, default one fold with its 8 mirrorings:
+  the extra work is per member, so the ratio holds for more folds).
 
 AUROC is the Mann-Whitney probability that a random positive scores above a random negative (ties count one half);
 it is None when a class is empty.
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--test-cases", type=int, default=10)
     ap.add_argument("--timing-cases", type=int, default=3, help="held-out cases predicted twice for the timing")
+    ap.add_argument("--timing-folds", nargs="+", default=["0"],
+                    help="folds of the timing runs (default 0: one fold's 8 mirrorings, the overhead is per member)")
     args = ap.parse_args()
     work = args.work.resolve()
     env = {**os.environ, "AUTOSEG_RAW": str(work / "raw"), "AUTOSEG_PREPROCESSED": str(work / "pre"),
@@ -187,8 +190,9 @@ def main() -> None:
     for flag in ([], ["--uncertainty"]):
         out = work / f"timing_out{'_u' if flag else ''}"
         r = run_measured([sys.executable, "-m", "autoseg", "predict", "-i", str(timing_in), "-o", str(out), "-d",
-                          NAME, "--overwrite", *flag], env)
+                          NAME, "--overwrite", "-f", *args.timing_folds, *flag], env)
         timing.append({"mode": "--uncertainty" if flag else "plain", "cases": args.timing_cases,
+                       "folds": " ".join(args.timing_folds),
                        "s_per_case": round(r["wall_s"] / args.timing_cases, 2), "peak_rss_gb": r["peak_rss_gb"]})
     rows = quality + [lesion_row] + timing
     path = report("uncertainty", rows, ["split", "structure", "mode", "n", "spearman", "auroc_low_dice", "threshold",

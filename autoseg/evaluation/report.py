@@ -380,7 +380,7 @@ def _read_uncertainty(folder: Path, case: str, ending: str, pred: Path,
     """The maps (on the label map's grid, checked) and the review part of one case's ``predict --uncertainty``
     summary."""
     files = uncertainty_files(case, ending)
-    summary = read_json(folder / files["summary"], f"predict the case again with --uncertainty --overwrite",
+    summary = read_json(folder / files["summary"], "predict the case again with --uncertainty --overwrite",
                         "uncertainty")
     maps = {}
     for name in UNCERTAINTY_MAPS:
