@@ -91,7 +91,8 @@ def render_montage(
     FigureCanvasAgg(fig)
     grid = fig.subplots(rows, len(slices), squeeze=False)
     axes = grid[0]
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.07 / rows, top=1 - 0.1 / rows, wspace=0.03, hspace=0.08)
+    fig.subplots_adjust(left=0.01, right=0.99 if rows == 1 else 0.86, bottom=0.07 / rows, top=1 - 0.1 / rows,
+                        wspace=0.03, hspace=0.08)
 
     def background(ax: Any, z: int) -> None:
         if image is not None:
@@ -109,7 +110,8 @@ def render_montage(
             ax.contour(oriented(labels[z] > 0), levels=[0.5], colors="cyan", linewidths=0.5)
             ax.set_title(f"predictive entropy, z={z}", fontsize=8)
             ax.set_axis_off()
-        fig.colorbar(shown, ax=list(grid[1]), fraction=0.02, pad=0.01)
+        bar = fig.colorbar(shown, cax=fig.add_axes((0.88, 0.07 / rows, 0.02, 0.4)))
+        bar.ax.tick_params(labelsize=6)
     for ax, z in zip(axes, slices):
         background(ax, z)
         ax.imshow(oriented(palette[labels[z]]), aspect=sy / sx, interpolation="nearest")
