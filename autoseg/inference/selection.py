@@ -82,7 +82,7 @@ def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any
     for key, rule in plan["review"]["structures"].items():
         sens, spec_ = rule["cv_sensitivity"], rule["cv_specificity"]
         plan["notes"].append(
-            f"review: flag when {rule['name']} expected Dice < {rule['expected_dice_below']:.3f} ({source}; "
+            f"review: flag when {rule['name']} expected Dice < {rule['expected_dice_below']:.4g} ({source}; "
             f"{rule['low_dice_cases']} of {len(cases)} validation cases below Dice {DICE_BELOW}, in-sample "
             f"sensitivity {'-' if sens is None else f'{sens:.2f}'}, specificity "
             f"{'-' if spec_ is None else f'{spec_:.2f}'})")

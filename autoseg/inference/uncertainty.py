@@ -222,7 +222,7 @@ def review_decision(quality: Mapping[str, float], review: Mapping[str, Any] | No
 
     >>> review = {"cases": 20, "structures": {"2": {"name": "liver_tumor", "expected_dice_below": 0.6}}}
     >>> review_decision({"2": 0.45}, review)
-    (True, ['liver_tumor: expected Dice 0.450 < 0.600 (threshold calibrated on 20 validation cases)'])
+    (True, ['liver_tumor: expected Dice 0.45 < 0.6 (threshold calibrated on 20 validation cases)'])
     """
     if not review:
         return None, ["no calibrated review thresholds in the inference plan: run `autoseg find_best_configuration` "
@@ -230,7 +230,7 @@ def review_decision(quality: Mapping[str, float], review: Mapping[str, Any] | No
     reasons = []
     for key, rule in review["structures"].items():
         if key in quality and quality[key] < rule["expected_dice_below"]:
-            reasons.append(f"{rule['name']}: expected Dice {quality[key]:.3f} < {rule['expected_dice_below']:.3f} "
+            reasons.append(f"{rule['name']}: expected Dice {quality[key]:.3g} < {rule['expected_dice_below']:.3g} "
                            f"(threshold calibrated on {review['cases']} validation cases)")
     if reasons:
         return True, reasons
