@@ -265,3 +265,21 @@ def test_one_member_writes_no_mutual_information(tmp_path):
     summary = read_json(folder / "case.json", "", "uncertainty")
     assert summary["members"] == 1 and summary["flag_for_review"] is None
     assert summary["mean_foreground_mutual_information"] is None
+
+
+def test_cascade_rois_carry_the_mutual_information_channel():
+    from autoseg.inference.predictor import predict_preprocessed
+
+    data = np.where(np.arange(20)[:, None, None] < 10, 1.0, -1.0) * np.ones((1, 20, 24, 24), np.float32)
+    config = {"patch_size": [8, 16, 16]}
+    models = [ThreeClass(), ThreeClass(doubt=10.0)]
+    box = (slice(0, 12), slice(0, 16), slice(0, 16))
+    out = predict_preprocessed(models, data, config, False, torch.device("cpu"), mirror=False, rois=[box],
+                               uncertainty=True)
+    assert out.shape == (4, 20, 24, 24)
+    plain = predict_preprocessed(models, data, config, False, torch.device("cpu"), mirror=False, rois=[box])
+    np.testing.assert_array_equal(out[:3], plain)
+    outside = np.ones(data.shape[1:], bool)
+    outside[box] = False
+    assert out[3][outside].max() == 0.0 and np.all(out[0][outside] == 1.0)  # background, no disagreement
+    assert out[3][box][:10].mean() > 0.3  # the folds disagree where the input is positive (z < 10)
