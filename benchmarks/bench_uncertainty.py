@@ -146,6 +146,32 @@ def quality_figures(rows: list[dict], review: dict | None, split: str) -> list[d
     return out
 
 
+def in_process_overhead(results: Path, image: Path, rounds: int) -> list[dict]:
+    """Seconds of one case's prediction (fold 0, 8 mirrorings) with and without the member statistics, alternated
+    ``rounds`` times in one process and the fastest round of each kept (load only adds time); and the extra
+    arrays' size."""
+    import time
+
+    import torch
+
+    from autoseg.inference.predictor import Predictor
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p = Predictor.from_trained(results / "3d_fullres", folds=["0"], precision="fp32")
+    data, geo = read_image(image)
+    pre, _ = p.preprocess(data[None].astype(np.float32), geo)
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(rounds):
+        for mode in (False, True):
+            t = time.perf_counter()
+            p.probabilities_preprocessed(pre, uncertainty=mode)
+            best[mode] = min(best[mode], time.perf_counter() - t)
+    extra_mb = (p.models[0].num_outputs + 2) * int(np.prod(pre.shape[1:])) * 4 / 1e6  # stats + the MI channel
+    return [{"mode": "in-process plain", "folds": "0", "members": p.members, "s_per_case": round(best[False], 2)},
+            {"mode": "in-process --uncertainty", "folds": "0", "members": p.members,
+             "s_per_case": round(best[True], 2), "extra_mb_preprocessed_grid": round(extra_mb, 1)}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/autoseg_bench_uncertainty"))
@@ -153,6 +179,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--test-cases", type=int, default=10)
     ap.add_argument("--timing-cases", type=int, default=3, help="held-out cases predicted twice for the timing")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of the in-process timing")
     ap.add_argument("--no-tta", action="store_true",
                     help="predict the held-out cases without mirroring (members: the 5 folds; 8x less work on a CPU)")
     ap.add_argument("--timing-folds", nargs="+", default=["0"],
@@ -197,11 +224,12 @@ def main() -> None:
         timing.append({"mode": "--uncertainty" if flag else "plain", "cases": args.timing_cases,
                        "folds": " ".join(args.timing_folds),
                        "s_per_case": round(r["wall_s"] / args.timing_cases, 2), "peak_rss_gb": r["peak_rss_gb"]})
+    timing += in_process_overhead(results, sorted((raw / "imagesTs").iterdir())[0], args.rounds)
     rows = quality + [lesion_row] + timing
     path = report("uncertainty", rows, ["split", "structure", "mode", "n", "spearman", "auroc_low_dice", "threshold",
                                         "n_low", "n_flagged", "sensitivity", "specificity", "auroc_confidence",
                                         "auroc_mean_probability", "n_true", "n_false_positive", "s_per_case",
-                                        "peak_rss_gb"])
+                                        "peak_rss_gb", "extra_mb_preprocessed_grid"])
     data = json.loads(path.read_text())
     data.update({"review": review, "held_out_cases": held_out, "lesions": lesions, "machine": machine(),
                  "minutes_per_fold": args.minutes, "held_out_tta": not args.no_tta})
