@@ -66,8 +66,8 @@ def test_label_probability_and_expected_dice():
     probs = np.array([[0.1, 0.5, 1.0, 1.0], [0.9, 0.5, 0.0, 0.0]], np.float32)
     seg = np.array([1, 1, 0, 0])
     assert expected_dice(probs, seg, [1])["1"] == pytest.approx(2 * 1.4 / (2 + 1.4))
-    # nothing predicted: exp(-expected voxel count), 1 when the probabilities are 0 too
-    assert expected_dice(probs, np.zeros(4, int), [1])["1"] == pytest.approx(math.exp(-1.4))
+    # nothing predicted: 1 - the most likely voxel's probability, 1 when the probabilities are 0 too
+    assert expected_dice(probs, np.zeros(4, int), [1])["1"] == pytest.approx(0.1)
     assert expected_dice(np.array([[1.0, 1.0], [0.0, 0.0]]), np.zeros(2, int), [1])["1"] == 1.0
     np.testing.assert_allclose(assigned_probability(probs, seg, None), [0.9, 0.5, 1.0, 1.0])
     # regions (kidney = [1, 2] painted first, tumour 2 inside): P(label 1) = p(kidney) * (1 - p(tumour))

@@ -15,8 +15,10 @@ Definitions (all maps in [0, 1]; ``C`` channels; ``H(p) = -sum_c p_c log p_c``)
   rounding.
 * **Expected Dice** of a structure ``v`` whose mask is ``M`` and whose probability is ``q`` (the probability that a
   voxel's true label is ``v``): ``2 sum_M q / (|M| + sum q)``, the Dice between the mask and the probabilities
-  taken as a soft reference. A structure predicted nowhere has expected Dice ``exp(-sum q)``, the probability that
-  it is truly absent when its expected voxel count is ``sum q`` (Poisson): Dice is 1 when both are empty.
+  taken as a soft reference. A structure predicted nowhere has expected Dice ``1 - max q``: its Dice is 1 if it is
+  truly absent and 0 otherwise, and the chance that it is present is at least that of its most likely voxel.
+  (The independent-voxel ``exp(-sum q)`` was measured first and dropped: a briefly trained network spreads a little
+  probability over the whole volume, and the sum over ~10^5 voxels drove every estimate to 0.)
 * **Lesion confidence**: mean probability of the lesion's label over its voxels times one minus their mean
   predictive entropy, in [0, 1]: high only when the network both votes for the lesion and is sure of it.
 * **Review flag**: a case is flagged when any structure's expected Dice is below that structure's threshold. The
@@ -136,7 +138,7 @@ def assigned_probability(probs: np.ndarray, seg: np.ndarray, regions_class_order
 def expected_dice(probs: np.ndarray, seg: np.ndarray, values: Sequence[int],
                   regions_class_order: Sequence[int] | None = None) -> dict[str, float]:
     """Expected Dice per label value (keys as in :func:`~autoseg.masks.dice_per_label`) of the label map ``seg``
-    against the probabilities ``probs`` (C, ...) it came from: ``2 sum_M q / (|M| + sum q)``, or ``exp(-sum q)``
+    against the probabilities ``probs`` (C, ...) it came from: ``2 sum_M q / (|M| + sum q)``, or ``1 - max q``
     for a label predicted nowhere.
 
     >>> p = np.array([[0.1, 0.5, 1.0], [0.9, 0.5, 0.0]])  # background, label 1 on three voxels
@@ -149,8 +151,8 @@ def expected_dice(probs: np.ndarray, seg: np.ndarray, values: Sequence[int],
     for v in values:
         q = label_probability(probs, regions_class_order, v).astype(np.float64)
         mask = seg == v
-        n, total = int(mask.sum()), float(q.sum())
-        out[str(v)] = math.exp(-total) if n == 0 else 2.0 * float(q[mask].sum()) / (n + total)
+        n = int(mask.sum())
+        out[str(v)] = 1.0 - float(q.max(initial=0.0)) if n == 0 else 2.0 * float(q[mask].sum()) / (n + float(q.sum()))
     return out
 
 
