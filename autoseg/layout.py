@@ -6,6 +6,8 @@ Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, pla
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
                     fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, training_setup.json, log.jsonl,
                     progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
+Predictions::       OUT/CASE<ending>, OUT/CASE.npz, OUT/uncertainty/CASE_{entropy,mutual_information,probability}<ending>,
+                    OUT/uncertainty/CASE.json
 """
 
 from __future__ import annotations
@@ -92,6 +94,15 @@ TRAINING_SETUP_JSON = "training_setup.json"  # measured precision, chosen schedu
 PROGRESS_PNG = "progress.png"
 VALIDATION = "validation"
 SUMMARY_JSON = "summary.json"
+# Predictions: predict -o OUT writes OUT/CASE<ending>; --uncertainty adds OUT/uncertainty/ (uncertainty_files)
+UNCERTAINTY = "uncertainty"
+UNCERTAINTY_MAPS = ("entropy", "mutual_information", "probability")
+
+
+def uncertainty_files(case_id: str, ending: str) -> dict[str, str]:
+    """File names inside ``OUT/uncertainty/`` of one case of ``predict --uncertainty``: a map per
+    :data:`UNCERTAINTY_MAPS` entry (``CASE_entropy<ending>``, ...) and ``summary`` (``CASE.json``, written last)."""
+    return {**{m: f"{case_id}_{m}{ending}" for m in UNCERTAINTY_MAPS}, "summary": f"{case_id}.json"}
 
 
 def image_file(case_id: str, channel: int, ending: str) -> str:

@@ -172,12 +172,30 @@ def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: 
     return predictors, postprocessing
 
 
+def review_thresholds(dataset_dir: Path, predictors: Sequence[Predictor]) -> dict[str, Any] | None:
+    """The review flag's thresholds calibrated by ``find_best_configuration`` (``review`` in
+    ``inference_plan.json``), when they were calibrated for the configurations being predicted with; else None."""
+    path = dataset_dir / INFERENCE_PLAN_JSON
+    if not path.is_file():
+        print("no inference_plan.json: cases are not flagged for review (run `autoseg find_best_configuration`)")
+        return None
+    ip = read_json(path, f"rerun `autoseg find_best_configuration` or delete {path}", "inference_plan")
+    used = [p.configuration for p in predictors]
+    if "review" not in ip or ip["configurations"] != used:
+        print(f"{path}: no review thresholds calibrated for {'+'.join(used)}; cases are not flagged for review "
+              "(rerun `autoseg find_best_configuration` after training)")
+        return None
+    return ip["review"]
+
+
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
-            overwrite: bool = False, postprocess: bool = True, precision: str = "auto") -> None:
+            overwrite: bool = False, postprocess: bool = True, precision: str = "auto",
+            uncertainty: bool = False) -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
-    trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`. Bad
+    trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`;
+    ``uncertainty`` adds the maps, lesion confidences and the review flag (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad
     cases are raised together at the end."""
     bundle_dir = None
     if model:
@@ -190,8 +208,9 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
     try:
         predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step, fast,
                                                      precision)
+        review = review_thresholds(dataset_dir, predictors) if uncertainty else None
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
-                                  postprocessing if postprocess else None)
+                                  postprocessing if postprocess else None, uncertainty, review)
     finally:
         if bundle_dir is not None:
             shutil.rmtree(bundle_dir, ignore_errors=True)

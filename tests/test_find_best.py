@@ -111,3 +111,46 @@ def test_no_validation_results_is_a_clear_error(tmp_path, monkeypatch, capsys):
     (tmp_path / "results" / NAME / "3d_fullres").mkdir(parents=True)
     assert main(["find_best_configuration", "-d", NAME]) == 1
     assert "no configuration has validation results" in capsys.readouterr().err
+
+
+def test_review_threshold_calibrated_on_cross_validation(tmp_path, monkeypatch, capsys):
+    """Two good cases with confident probabilities, two with half the organ missing (Dice 0.67 < 0.7) and soft
+    probabilities: the flag's threshold must sit just above the worse cases' expected Dice."""
+    from autoseg.inference.uncertainty import expected_dice
+    from autoseg.jsonfile import read_json
+
+    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+    labels = tmp_path / "raw" / NAME / "labelsTr"
+    labels.mkdir(parents=True)
+    (tmp_path / "pp" / NAME).mkdir(parents=True)
+    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    estimates = {}
+    for i, c in enumerate(CASES):
+        ref = reference(0)
+        write_image(labels / f"{c}.nii.gz", ref, GEO)
+        seg = ref.copy()
+        if i >= 2:
+            seg[8:12] = 0  # half the organ missed
+        sure = 0.99 if i < 2 else 0.6 + 0.1 * i  # the bad cases are also the unsure ones
+        probs = np.stack([np.where(seg == 1, 1 - sure, sure), np.where(seg == 1, sure, 1 - sure)]).astype(np.float32)
+        probs[1][seg == 0] = 0.001
+        probs[0][seg == 0] = 0.999
+        folder = tmp_path / "results" / NAME / "3d_fullres" / f"fold_{i % 2}" / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_image(folder / f"{c}.nii.gz", seg, GEO)
+        write_probabilities(folder / f"{c}.npz", probs, GEO)
+        estimates[c] = expected_dice(probs.astype(np.float16).astype(np.float32), seg, [1])["1"]
+    for fold in ("0", "1"):
+        folder = tmp_path / "results" / NAME / "3d_fullres" / f"fold_{fold}" / "validation"
+        (folder / "summary.json").write_text(json.dumps({"dice_per_case": {c: {} for c in CASES[int(fold)::2]}}))
+    assert main(["find_best_configuration", "-d", NAME]) == 0
+    assert "review: flag when organ expected Dice <" in capsys.readouterr().out
+    plan = read_json(tmp_path / "results" / NAME / "inference_plan.json", "", "inference_plan")  # schema-checked
+    rule = plan["review"]["structures"]["1"]
+    low = sorted(estimates[c] for c in CASES[2:])
+    good = min(estimates[c] for c in CASES[:2])
+    assert low[-1] < good  # the construction: the bad cases are the less certain ones
+    assert rule["expected_dice_below"] == pytest.approx((low[-1] + good) / 2, abs=1e-6)
+    assert rule["low_dice_cases"] == 2 and rule["cv_sensitivity"] == 1.0 and rule["cv_specificity"] == 1.0
+    assert plan["review"]["cases"] == 4 and rule["name"] == "organ"

@@ -204,6 +204,10 @@ def test_validation_on_original_grid(trained):
     for v in summary["mean_dice"].values():
         assert 0 <= v <= 1
     assert summary["mean_foreground_dice"] == pytest.approx(np.mean(list(summary["mean_dice"].values())))
+    # the review flag's calibration input: expected Dice per case and label, in [0, 1]
+    assert sorted(summary["expected_dice_per_case"]) == sorted(val_ids)
+    assert all(sorted(q) == ["1", "2", "3", "4"] and all(0 <= x <= 1 for x in q.values())
+               for q in summary["expected_dice_per_case"].values())
 
 
 # ---------------------------------------------------------------------------------------------- --continue

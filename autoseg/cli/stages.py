@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
-                     args.overwrite, not args.no_postprocessing, args.precision)
+                     args.overwrite, not args.no_postprocessing, args.precision, args.uncertainty)
     print(f"predictions in {args.output}")
     return 0
 
@@ -180,6 +180,11 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with float16 probabilities and geometry (for `autoseg ensemble`)")
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing of inference_plan.json")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write OUT/uncertainty/: per case the predictive entropy, the folds' and mirrorings' "
+                   "mutual information and each voxel's label probability (float NIfTI on the input's grid), and "
+                   "CASE.json with the expected Dice per structure, lesion confidences and flag_for_review (by the "
+                   "thresholds find_best_configuration calibrated on cross-validation)")
     p.add_argument("--overwrite", action="store_true", help="predict cases again even if their output exists")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",

@@ -64,10 +64,12 @@ def render_montage(
     label_map: Mapping[str, Any] | None = None,
     title: str = "",
     max_panels: int = MAX_PANELS,
+    uncertainty: np.ndarray | None = None,
 ) -> list[int]:
     """Write a PNG of axial slices through the largest lesions (or the slice with most foreground), labels
     coloured over the CT (abdominal window) or over black; each lesion's maximal axial diameter is drawn on its
-    slice. Returns the slice indices shown."""
+    slice. With an ``uncertainty`` map (0-1, the labels' grid) a second row shows it over the same slices, with
+    the labels' outlines. Returns the slice indices shown."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -84,16 +86,34 @@ def render_montage(
         a = a[::-1] if flip_rows else a
         return a[:, ::-1] if flip_cols else a
 
-    fig = Figure(figsize=(3.6 * len(slices), 4.0), dpi=120)
+    rows = 1 if uncertainty is None else 2
+    fig = Figure(figsize=(3.6 * len(slices), 4.0 * rows), dpi=120)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(slices), squeeze=False)[0]
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.07, top=0.9, wspace=0.03)
-    for ax, z in zip(axes, slices):
+    grid = fig.subplots(rows, len(slices), squeeze=False)
+    axes = grid[0]
+    fig.subplots_adjust(left=0.01, right=0.99 if rows == 1 else 0.86, bottom=0.07 / rows, top=1 - 0.1 / rows,
+                        wspace=0.03, hspace=0.08)
+
+    def background(ax: Any, z: int) -> None:
         if image is not None:
             ax.imshow(oriented(image[z]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
                       aspect=sy / sx, interpolation="nearest")
         else:
             ax.imshow(np.zeros((ny, nx)), cmap="gray", vmin=0, vmax=1, aspect=sy / sx)
+
+    if uncertainty is not None:
+        for ax, z in zip(grid[1], slices):
+            background(ax, z)
+            u = np.ma.masked_less(oriented(np.asarray(uncertainty[z], dtype=np.float32)), 0.02)
+            shown = ax.imshow(u, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.8, aspect=sy / sx,
+                              interpolation="nearest")
+            ax.contour(oriented(labels[z] > 0), levels=[0.5], colors="cyan", linewidths=0.5)
+            ax.set_title(f"predictive entropy, z={z}", fontsize=8)
+            ax.set_axis_off()
+        bar = fig.colorbar(shown, cax=fig.add_axes((0.88, 0.07 / rows, 0.02, 0.4)))
+        bar.ax.tick_params(labelsize=6)
+    for ax, z in zip(axes, slices):
+        background(ax, z)
         ax.imshow(oriented(palette[labels[z]]), aspect=sy / sx, interpolation="nearest")
         for les in lesions:
             if les["axial_slice"] != z:
@@ -131,6 +151,19 @@ def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: M
            " img{max-width:100%}</style></head><body><h1>autoseg report</h1>",
            f"<p>{len(reports)} case(s). Volumes in mL; burden = tumour / (organ + tumour) volume; diameters are the "
            "maximal axial (in-plane) diameters.</p>"]
+    flagged = [rep for rep in reports if (rep.get("review") or {}).get("flag_for_review")]
+    if any(rep.get("review") for rep in reports):
+        out.append(f"<h2>Flagged for review: {len(flagged)} of {len(reports)} case(s)</h2>")
+        out.append("<p>By the expected Dice per structure from the prediction's uncertainty, with thresholds "
+                   "calibrated on cross-validation (<code>predict --uncertainty</code>).</p>")
+        if flagged:
+            out.append("<table><tr><th>case</th><th>why</th></tr>")
+            for rep in flagged:
+                reasons = "<br>".join(e(r) for r in rep["review"]["reasons"])
+                out.append(f"<tr><td><a href='#{e(rep['case'])}'>{e(rep['case'])}</a></td>"
+                           f"<td style='text-align:left'>{reasons}</td></tr>")
+            out.append("</table>")
+        reports = flagged + [rep for rep in reports if rep not in flagged]
     if reports:
         vol_names = list(reports[0]["volumes_ml"])
         organs = list(reports[0]["tumour_count"])
@@ -144,6 +177,12 @@ def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: M
         out.append("</table>")
     for rep in reports:
         out.append(f"<h2 id='{e(rep['case'])}'>{e(rep['case'])}</h2>")
+        review = rep.get("review")
+        if review:
+            verdict = {True: "<b>flagged for review</b>", False: "not flagged", None: "not decided"}
+            dice = ", ".join(f"{e(review['structures'].get(k, k))} {q:.2f}" for k, q in review["expected_dice"].items())
+            out.append(f"<p>{verdict[review['flag_for_review']]}: {'; '.join(e(r) for r in review['reasons'])}. "
+                       f"Expected Dice: {dice} ({review['members']} member(s) averaged).</p>")
         hu = rep.get("intensity_hu") or {}
         if hu:
             out.append("<table><tr><th>structure</th><th>volume mL</th><th>HU mean</th><th>HU median</th>"
@@ -155,13 +194,19 @@ def write_html(path: str | Path, reports: Sequence[Mapping[str, Any]], images: M
                            f"{number_text(st['hu_p95'], '.0f')}</td></tr>")
             out.append("</table>")
         if rep["lesions"]:
+            confident = "confidence" in rep["lesions"][0]
             out.append("<table><tr><th>lesion</th><th>volume mL</th><th>max axial diameter mm</th>"
                        "<th>slice</th><th>centroid x, y, z mm (LPS)</th>" + ("<th>HU mean</th><th>HU median</th>"
-                                                                             if hu else "") + "</tr>")
+                                                                             if hu else "")
+                       + ("<th>confidence</th><th>mean probability</th><th>mean entropy</th>" if confident else "")
+                       + "</tr>")
             for les in rep["lesions"]:
                 c = ", ".join(f"{v:.1f}" for v in les["centroid_world_mm"])
                 stats = (f"<td>{number_text(les['hu_mean'], '.1f')}</td><td>{number_text(les['hu_median'], '.1f')}"
                          "</td>") if hu else ""
+                if confident:
+                    stats += "".join(f"<td>{number_text(les[k], '.2f')}</td>"
+                                     for k in ("confidence", "mean_probability", "mean_entropy"))
                 out.append(f"<tr><td>{e(les['structure'])} {les['lesion']}</td><td>{les['volume_ml']:.2f}</td>"
                            f"<td>{les['max_axial_diameter_mm']:.1f}</td><td>{les['axial_slice']}</td>"
                            f"<td>{c}</td>{stats}</tr>")

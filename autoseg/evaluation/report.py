@@ -27,6 +27,10 @@ lesion), ``report.json`` (everything, NaN as null), ``overlays/CASE.png`` (axial
 labels over the CT in an abdominal window W400/L40, or over black without ``-images``; shown in radiological
 convention when the direction is axis-aligned: patient right on the image left, anterior up) and ``report.html``, a
 single self-contained file with the overlays embedded (base64 data URIs), to send on as it is.
+
+With the output of ``predict --uncertainty`` (``PRED_DIR/uncertainty/``) each case also gets its expected Dice per
+structure and review flag (flagged cases first, at the top of ``report.html``), each lesion its mean probability,
+entropy and confidence, and the overlay a second row with the predictive entropy under the labels.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from ..atomic import json_safe, write_csv, write_json
 from ..errors import AutosegError
 from ..io.dataset import case_files, find_image
 from ..io.images import Geometry, read_image
+from ..inference.uncertainty import lesion_confidence
+from ..jsonfile import read_json
 from ..labels import DEFAULT_LABELS, LabelSpec, check_labels
+from ..layout import UNCERTAINTY, UNCERTAINTY_MAPS, uncertainty_files
 from ..masks import connected_components, label_boxes
 from ..parallel import map_cases
 from .evaluate import geometry_mismatch
@@ -138,6 +145,7 @@ def index_to_world(index_zyx: Sequence[float], geometry: Geometry) -> tuple[floa
 
 
 HU_STATISTICS = ("hu_mean", "hu_median", "hu_p5", "hu_p95")
+LESION_CONFIDENCE = ("mean_probability", "mean_entropy", "mean_mutual_information", "confidence")
 
 
 def intensity_statistics(values: np.ndarray) -> dict[str, float]:
@@ -155,7 +163,7 @@ def intensity_statistics(values: np.ndarray) -> dict[str, float]:
 
 def lesion_measurements(
     labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None,
-    image: np.ndarray | None = None,
+    image: np.ndarray | None = None, uncertainty: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Every tumour lesion of a label map: volume, maximal axial diameter and centroid.
 
@@ -168,6 +176,10 @@ def lesion_measurements(
         ``dataset.json`` labels (default :data:`DEFAULT_LABELS`); tumour labels are those named ``X_tumor``.
     image : ndarray, (Z, Y, X), optional
         The CT on the same grid; adds :func:`intensity_statistics` (``hu_mean``, ...) per lesion.
+    uncertainty : dict of ndarray, optional
+        ``predict --uncertainty``'s maps on the same grid (``probability``, ``entropy``, optionally
+        ``mutual_information``); adds :func:`~autoseg.inference.uncertainty.lesion_confidence` per lesion
+        (``mean_probability``, ``mean_entropy``, ``mean_mutual_information``, ``confidence``).
 
     Returns
     -------
@@ -224,18 +236,25 @@ def lesion_measurements(
                 "centroid_index": [round(float(c), 3) for c in centroid],
                 "centroid_world_mm": [round(c, 3) for c in index_to_world(centroid, geometry)],
             })
+            region = tuple(slice(a.start + o.start, a.start + o.stop) for a, o in zip(box, cbox))
             if image is not None:
-                region = tuple(slice(a.start + o.start, a.start + o.stop) for a, o in zip(box, cbox))
                 out[-1].update(intensity_statistics(image[region][cc[cbox] == k + 1]))
+            if uncertainty is not None:
+                inside = cc[cbox] == k + 1
+                mi = uncertainty.get("mutual_information")
+                out[-1].update(lesion_confidence(uncertainty["probability"][region][inside],
+                                                 uncertainty["entropy"][region][inside],
+                                                 None if mi is None else mi[region][inside]))
     return out
 
 
 def case_report(
     labels: np.ndarray, geometry: Geometry, label_map: Mapping[str, Any] | None = None, case_id: str = "",
-    image: np.ndarray | None = None,
+    image: np.ndarray | None = None, uncertainty: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Volumes, tumour counts and burden, and lesion measurements of one predicted label map; with the CT
-    ``image`` (same grid) also ``intensity_hu``: :func:`intensity_statistics` per single-value label, and per lesion.
+    ``image`` (same grid) also ``intensity_hu``: :func:`intensity_statistics` per single-value label, and per lesion;
+    with ``uncertainty`` maps each lesion's confidence (:func:`lesion_measurements`).
 
     Returns
     -------
@@ -259,7 +278,7 @@ def case_report(
     named = {n: v for n, v in checked.items() if isinstance(v, int) and v != 0}
     counts = np.bincount(labels.ravel(), minlength=max(named.values(), default=0) + 1)
     volumes = {n: float(counts[v] * voxel_ml) for n, v in named.items()}
-    lesions = lesion_measurements(labels, geometry, label_map, image)
+    lesions = lesion_measurements(labels, geometry, label_map, image, uncertainty)
     tumour_count: dict[str, int] = {}
     tumour_volume: dict[str, float] = {}
     burden: dict[str, float] = {}
@@ -296,6 +315,12 @@ def _csv_row(rep: Mapping[str, Any]) -> dict[str, Any]:
     row.update({f"{organ}_tumour_burden": b for organ, b in rep["tumour_burden"].items()})
     row.update({f"{n}_{k}": v for n, stats in rep["intensity_hu"].items() for k, v in stats.items()})
     row["largest_axial_diameter_mm"] = max((les["max_axial_diameter_mm"] for les in rep["lesions"]), default=0.0)
+    review = rep.get("review")
+    if review:
+        row["flag_for_review"] = review["flag_for_review"]
+        row["review_reasons"] = "; ".join(review["reasons"])
+        names = review["structures"]
+        row.update({f"{names.get(k, k)}_expected_dice": q for k, q in review["expected_dice"].items()})
     return row
 
 
@@ -321,6 +346,8 @@ class _ReportTask:
     image: str | None
     png: str
     label_map: tuple[tuple[str, Any], ...]
+    uncertainty: str | None = None  # the folder of predict --uncertainty when it holds this case
+    ending: str = ".nii.gz"
 
     def __str__(self) -> str:
         return f"case {self.case}"
@@ -335,12 +362,39 @@ def _report_task(task: _ReportTask) -> dict[str, Any]:
         if problem:
             raise AutosegError(problem.replace("reference", "image") + "; the prediction must lie on its image's grid")
     label_map = dict(task.label_map)
+    maps, review = _read_uncertainty(Path(task.uncertainty), task.case, task.ending, Path(task.pred), geometry) \
+        if task.uncertainty else (None, None)
     try:
-        rep = case_report(labels, geometry, label_map, task.case, image)
+        rep = case_report(labels, geometry, label_map, task.case, image, maps)
     except ValueError as e:
         raise AutosegError(f"{task.pred}: {e}") from None
-    render_montage(task.png, labels, geometry, rep["lesions"], image, label_map, title=task.case)
+    if review is not None:
+        rep["review"] = review
+    render_montage(task.png, labels, geometry, rep["lesions"], image, label_map, title=task.case,
+                   uncertainty=None if maps is None else maps["entropy"])
     return rep
+
+
+def _read_uncertainty(folder: Path, case: str, ending: str, pred: Path,
+                      geometry: Geometry) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The maps (on the label map's grid, checked) and the review part of one case's ``predict --uncertainty``
+    summary."""
+    files = uncertainty_files(case, ending)
+    summary = read_json(folder / files["summary"], "predict the case again with --uncertainty --overwrite",
+                        "uncertainty")
+    maps = {}
+    for name in UNCERTAINTY_MAPS:
+        path = folder / files[name]
+        if name == "mutual_information" and name not in summary["maps"]:
+            continue
+        arr, geo = read_image(path)
+        problem = geometry_mismatch(pred, geometry, path, geo)
+        if problem:
+            raise AutosegError(problem.replace("reference", "uncertainty map") + "; predict the case again with "
+                               "--uncertainty --overwrite")
+        maps[name] = arr
+    review = {k: summary[k] for k in ("flag_for_review", "reasons", "expected_dice", "structures", "members")}
+    return maps, review
 
 
 def report_folder(
@@ -376,9 +430,12 @@ def report_folder(
                 f"{len(missing)} case(s) have no image in {image_dir}: {', '.join(missing)} (expected "
                 f"CASE_0000{file_ending} or CASE{file_ending}); add them or leave out -images"
             )
+    folder = pred_dir / UNCERTAINTY
     tasks = [
         _ReportTask(c, str(p), None if images[c] is None else str(images[c]), str(out_dir / "overlays" / f"{c}.png"),
-                    tuple((n, list(v) if isinstance(v, tuple) else v) for n, v in checked.items()))
+                    tuple((n, list(v) if isinstance(v, tuple) else v) for n, v in checked.items()),
+                    str(folder) if (folder / uncertainty_files(c, file_ending)["summary"]).is_file() else None,
+                    file_ending)
         for c, p in cases.items()
     ]
     outcomes = map_cases(_report_task, tasks, num_workers, desc="report", progress=progress)
@@ -389,7 +446,8 @@ def report_folder(
     write_csv(out_dir / "report.csv", pd.DataFrame([_csv_row(r) for r in reports]))
     lesion_columns = ["case", "structure", "organ", "lesion", "voxels", "volume_ml", "equivalent_diameter_mm",
                       "max_axial_diameter_mm", "axial_slice", "centroid_index", "centroid_world_mm",
-                      *(HU_STATISTICS if image_dir is not None else ())]
+                      *(HU_STATISTICS if image_dir is not None else ()),
+                      *(LESION_CONFIDENCE if any(t.uncertainty for t in tasks) else ())]
     write_csv(out_dir / "report_lesions.csv",
               pd.DataFrame([row for r in reports for row in _lesion_rows(r)], columns=lesion_columns))
     write_json(out_dir / "report.json", json_safe({
@@ -403,6 +461,9 @@ def report_folder(
             "lesion": "26-connected component of a tumour label, 1 = largest",
             "intensity_hu": "mean, median, 5th and 95th percentile of the CT (HU) over the structure's voxels "
             "(with -images; per lesion too)",
+            "review": "predict --uncertainty: expected Dice per structure and flag_for_review by the thresholds "
+            "calibrated on cross-validation, with the reasons",
+            "confidence": "per lesion: mean probability of its label x (1 - mean normalised predictive entropy), 0-1",
         },
     }))
     write_html(out_dir / "report.html", reports,

@@ -11,6 +11,11 @@ on CUDA without bf16), each with and without channels-last, and runs the sliding
 
 A configuration with ``previous_stage`` (``3d_cascade``) first predicts that stage on the whole volume, then runs
 its own sliding window only inside boxes around the stage-1 foreground (:mod:`autoseg.inference.cascade`).
+
+``predict --uncertainty`` keeps what the averaging throws away: each mirroring's probabilities and entropy are summed
+next to the logits (``members=True``), the folds' sums are combined into the mutual information, and
+:func:`write_uncertainty` writes the maps and the review flag (:mod:`autoseg.inference.uncertainty`). The logits,
+hence the mask, are the same with and without it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temporaries
+from ..atomic import json_safe, remove_stale_temporaries, write_json
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
 from ..io.dataset import load_dataset_json
@@ -34,7 +39,7 @@ from ..io.images import Geometry, read_image, read_probabilities, write_image, w
 from ..io.inputs import find_inputs, read_input
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
-from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
+from ..layout import PLANS_JSON, UNCERTAINTY, checkpoint_file, fold_dir, trained_folds, uncertainty_files
 from ..network import build_network
 from ..memory import require_memory
 from ..precision import Precision, probe
@@ -43,6 +48,7 @@ from ..preprocessing.resample import case_memory_bytes
 from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
 from .postprocess import apply_postprocessing
 from .progress import TileProgress
+from .uncertainty import case_uncertainty, member_statistics, mutual_information
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -68,13 +74,20 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
 
 
-def _forward(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int]) -> torch.Tensor:
-    """Logits for a batch of tiles, averaged over all flips of ``mirror_axes`` (spatial axes, 0-based)."""
+def _forward(net: nn.Module, x: torch.Tensor, mirror_axes: Sequence[int],
+             member: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Logits for a batch of tiles, averaged over all flips of ``mirror_axes`` (spatial axes, 0-based);
+    ``member(logits)`` is also given each flip's own logits (the members of :mod:`autoseg.inference.uncertainty`)."""
     out = net(x).float()
+    if member is not None:
+        member(out)
     combos = [c for r in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     for combo in combos:
         dims = [a + 2 for a in combo]
-        out = out + torch.flip(net(torch.flip(x, dims)).float(), dims)  # not in place: net may return its input
+        flipped = torch.flip(net(torch.flip(x, dims)).float(), dims)
+        if member is not None:
+            member(flipped)
+        out = out + flipped  # not in place: net may return its input
     return out / (len(combos) + 1)
 
 
@@ -90,8 +103,14 @@ def sliding_window(
     device: torch.device | str = "cpu",
     precision: Precision | None = None,
     progress: Callable[[int, int], None] | None = None,
+    members: bool = False,
+    regions: bool = False,
 ) -> torch.Tensor:
     """Logits (num_outputs, *spatial) float32 on the CPU for ``data`` (C, *spatial) with a network in eval mode.
+
+    With ``members`` (for ``predict --uncertainty``) ``num_outputs + 1`` channels follow the logits: every member's
+    (mirroring's) probabilities (sigmoid for ``regions``, else softmax) and their entropy
+    (:func:`~autoseg.inference.uncertainty.member_statistics`), averaged over the members with the tiles' weights.
 
     ``patch`` has 2 entries for a 2D network (run slice by slice over axis 0 of 3D data) or 3 for a 3D one.
     Images smaller than the patch are padded with zeros (the normalised background) and cropped back.
@@ -116,6 +135,7 @@ def sliding_window(
         weight = weight[None]
     logits = torch.zeros((num_outputs, *padded), dtype=torch.float32, device=device)
     norm = torch.zeros(padded, dtype=torch.float32, device=device)
+    stats = torch.zeros((num_outputs + 1, *padded), dtype=torch.float32, device=device) if members else None
     starts = [tile_starts(s, p, step) for s, p in zip(padded, full_patch)]
     tiles = [tuple(slice(a, a + p) for a, p in zip(st, full_patch)) for st in itertools.product(*starts)]
     for i in range(0, len(tiles), tile_batch):
@@ -125,16 +145,28 @@ def sliding_window(
             x = x[:, :, 0]
         if precision.channels_last and x.ndim == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        tile_stats: list[torch.Tensor] = []  # running sum over this batch's members
+
+        def member(o: torch.Tensor) -> None:
+            m = member_statistics(o, regions)
+            tile_stats.append(tile_stats.pop() + m if tile_stats else m)
+
         with precision.autocast(device):
-            out = _forward(net, x, mirror_axes)
+            out = _forward(net, x, mirror_axes, member if members else None)
         if two_d:
             out = out[:, :, None]
         for t, o in zip(group, out):
             logits[(slice(None),) + t] += o * weight
             norm[t] += weight
+        if stats is not None:
+            summed = tile_stats[0][:, :, None] if two_d else tile_stats[0]
+            for t, m in zip(group, summed):
+                stats[(slice(None),) + t] += m * (weight / (2 ** len(mirror_axes)))
         if progress is not None:
             progress(min(i + tile_batch, len(tiles)), len(tiles))
     logits /= norm
+    if stats is not None:
+        logits = torch.cat([logits, stats / norm])
     if any(pad):
         logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))]
     return logits.cpu()
@@ -175,31 +207,42 @@ def predict_preprocessed(
     precision: Precision | None = None,
     rois: Sequence[Box] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    uncertainty: bool = False,
 ) -> np.ndarray:
     """Probabilities (C, *spatial) float32 for one preprocessed case (C, *spatial), on the preprocessed grid.
 
     Each model (fold) runs the sliding window; softmax (or sigmoid for regions) probabilities are averaged over
     models. With ``rois`` the networks see only those boxes and everything outside them is background.
-    ``progress`` as in :func:`sliding_window` (called per window, so per box and fold).
+    ``progress`` as in :func:`sliding_window` (called per window, so per box and fold). With ``uncertainty`` one
+    more channel follows: the mutual information over every (fold, mirroring) member
+    (:func:`~autoseg.inference.uncertainty.mutual_information`; 0 outside the ROI boxes).
     """
     patch = config["patch_size"]
+    n_out = models[0].num_outputs
 
     def window(image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.array(image, dtype=np.float32))
-        total = None
+        total = stats = None
         for net in models:
             net.eval()
             net.deep_supervision = False
             logits = sliding_window(net, x, patch, net.num_outputs, step=step,
                                     mirror_axes=tuple(range(len(patch))) if mirror else (), device=device,
-                                    precision=precision, progress=progress)
+                                    precision=precision, progress=progress, members=uncertainty, regions=regions)
+            if uncertainty:
+                logits, member = logits[:n_out], logits[n_out:]
+                stats = member if stats is None else stats + member  # inference tensors: not in place
             p = torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
             total = p if total is None else total.add_(p)
-        return (total / len(models)).numpy()
+        probs = total / len(models)
+        if stats is not None:
+            stats = stats / len(models)
+            probs = torch.cat([probs, mutual_information(stats[:n_out], stats[n_out], regions)[None]])
+        return probs.numpy()
 
     if rois is None:
         return window(data)
-    return predict_in_rois(window, data, rois, models[0].num_outputs, background_channel=not regions)
+    return predict_in_rois(window, data, rois, n_out + int(uncertainty), background_channel=not regions)
 
 
 def predict_probabilities(
@@ -315,11 +358,18 @@ class Predictor:
             raise AutosegError(str(e)) from None
         return pre, props
 
+    @property
+    def members(self) -> int:
+        """How many predictions are averaged per voxel: folds times mirrorings (the uncertainty's members)."""
+        return len(self.models) * (2 ** len(self.config["patch_size"]) if self.mirror else 1)
+
     def probabilities_preprocessed(self, pre: np.ndarray, rois: Sequence[Box] | None = None,
-                                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Probabilities on the preprocessed grid of ``pre`` (this configuration's preprocessing of a case)."""
+                                   progress: Callable[[int, int], None] | None = None,
+                                   uncertainty: bool = False) -> np.ndarray:
+        """Probabilities on the preprocessed grid of ``pre`` (this configuration's preprocessing of a case); with
+        ``uncertainty`` the members' mutual information follows as one more channel."""
         return predict_preprocessed(self.models, pre, self.config, self.regions, self.device, self.mirror,
-                                    self.step, self.precision, rois, progress)
+                                    self.step, self.precision, rois, progress, uncertainty)
 
     def labels_preprocessed(self, pre: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Label map on the preprocessed grid of ``pre``: what a later cascade stage takes its ROI from."""
@@ -331,15 +381,47 @@ class Predictor:
         """Probabilities (C, Z, Y, X) on the original grid for a raw (C, Z, Y, X) image: same preprocessing code
         path as training, then the sliding window over every fold (inside the stage-1 ROI for a cascade) and the
         exact inverse. ``progress(done, total)`` is called per batch of tiles of each fold's sliding window."""
+        return self.predict_array_members(data, geometry, progress, uncertainty=False)[0]
+
+    def predict_array_members(self, data: np.ndarray, geometry: "Geometry",
+                              progress: Callable[[int, int], None] | None = None,
+                              uncertainty: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_array` and, with ``uncertainty`` and more than one member, the members' mutual
+        information (Z, Y, X) on the original grid (else None); the probabilities are the same either way."""
         pre, props = self.preprocess(data, geometry)
         rois = None
         if self.stage1 is not None:
             low = self.stage1.labels_preprocessed(self.stage1.preprocess(data, geometry)[0], progress)
             rois = stage2_boxes(low, pre.shape[1:], self.config)
             tqdm.write(cascade_log(self.configuration, rois, pre.shape[1:]))
-        probs, _ = restore_probabilities(self.probabilities_preprocessed(pre, rois, progress), props,
+        with_mi = uncertainty and self.members > 1
+        probs, _ = restore_probabilities(self.probabilities_preprocessed(pre, rois, progress, with_mi), props,
                                          background_channel=not self.regions)
-        return probs
+        if not with_mi:
+            return probs, None
+        return probs[:-1], probs[-1]
+
+
+def write_uncertainty(folder: Path, case_id: str, ending: str, probs: np.ndarray, seg: np.ndarray,
+                      geometry: "Geometry", predictors: Sequence[Predictor], mutual_info: np.ndarray | None,
+                      review: dict | None) -> dict:
+    """Write one case's uncertainty maps (float32 on the input's grid) and its summary JSON, written last
+    (:func:`~autoseg.inference.uncertainty.case_uncertainty`); returns the summary."""
+    spec = LabelSpec.from_meta(predictors[0].meta)
+    names = {v: spec.names.get(v, str(v)) for v in spec.predicted_values()}
+    maps, summary = case_uncertainty(probs, seg, predictors[0].regions_class_order, names,
+                                     [v for v in spec.tumour_values() if v in names], mutual_info, review)
+    files = uncertainty_files(case_id, ending)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in maps.items():
+        write_image(folder / files[name], arr, geometry)
+    if mutual_info is None:  # a rerun with one member must not leave an older run's map beside the new ones
+        (folder / files["mutual_information"]).unlink(missing_ok=True)
+    summary = {"case": case_id, "members": sum(p.members for p in predictors),
+               "configurations": [p.configuration for p in predictors],
+               "maps": {name: files[name] for name in maps}, **summary}
+    write_json(folder / files["summary"], json_safe(summary))
+    return summary
 
 
 def _finished(output: Path, inputs: Sequence[Path]) -> bool:
@@ -364,9 +446,14 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     postprocessing: dict | None = None,
+    uncertainty: bool = False,
+    review: dict | None = None,
 ) -> list[str]:
     """Predict every case of ``in_dir`` (a folder, an image file, a DICOM series folder or zip: see
     :func:`~autoseg.io.inputs.find_inputs`) into ``out_dir``; probabilities of several predictors are averaged.
+
+    ``uncertainty`` also writes ``out_dir/uncertainty/`` (:func:`write_uncertainty`), flagging cases for review by
+    the inference plan's calibrated ``review`` thresholds.
 
     Finished cases (complete outputs newer than their inputs) are skipped unless ``overwrite``; bad cases,
     including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
@@ -381,7 +468,9 @@ def predict_folder(
     for case in tqdm(cases, desc="predict", unit="case"):
         target = out_dir / f"{case.case_id}{ending}"
         npz = out_dir / f"{case.case_id}.npz"
-        if not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images)):
+        maps = out_dir / UNCERTAINTY / uncertainty_files(case.case_id, ending)["entropy"]
+        if (not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images))
+                and (not uncertainty or _finished(maps, case.images))):
             continue
         t0 = time.perf_counter()
         try:
@@ -395,15 +484,24 @@ def predict_folder(
                                "more memory")
             passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
             with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
-                probs = predictors[0].predict_array(data, geometry, bar.update)
+                probs, mi = predictors[0].predict_array_members(data, geometry, bar.update, uncertainty)
                 for p in predictors[1:]:
-                    probs += p.predict_array(data, geometry, bar.update)
+                    more, more_mi = p.predict_array_members(data, geometry, bar.update, uncertainty)
+                    probs += more
+                    mi = more_mi if mi is None else mi if more_mi is None else mi + more_mi
             probs /= len(predictors)
+            if mi is not None:  # across configurations: their mean (members within each are exact)
+                mi /= sum(p.members > 1 for p in predictors)
             seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
             if postprocessing:
                 seg = apply_postprocessing(seg, postprocessing)
             if save_probabilities:
                 write_probabilities(npz, probs, geometry)
+            if uncertainty:
+                summary = write_uncertainty(out_dir / UNCERTAINTY, case.case_id, ending, probs, seg, geometry,
+                                            predictors, mi, review)
+                if summary["flag_for_review"]:
+                    tqdm.write(f"{case.case_id}: flagged for review: {'; '.join(summary['reasons'])}")
             write_image(target, seg, geometry)  # last: its presence marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")

@@ -16,6 +16,7 @@ from ..atomic import write_json
 from ..errors import AutosegError
 from ..inference.cascade import stage2_boxes
 from ..inference.predictor import Predictor, cascade_log, predict_probabilities, previous_stage_dir, probe_precision
+from ..inference.uncertainty import expected_dice
 from ..jsonfile import read_json
 from ..io.images import read_image, write_image, write_probabilities
 from ..labels import LabelSpec, labels_from_probabilities
@@ -58,7 +59,7 @@ def validate_fold(model: torch.nn.Module, data_folder: Path, out: Path, val_ids:
     stage1 = _stage1(out, config, device, mirror)
     if precision is None:
         precision = probe_precision([model], config["patch_size"], len(meta["channel_names"]), device)
-    per_case = {}
+    per_case, expected = {}, {}
     for case in val_ids:
         data, props = _load_case(data_folder, case)
         rois = None
@@ -75,9 +76,11 @@ def validate_fold(model: torch.nn.Module, data_folder: Path, out: Path, val_ids:
         ref_path = raw_labels / f"{case}{meta['file_ending']}"
         if ref_path.is_file():
             per_case[case] = dice_per_label(seg, read_image(ref_path)[0], labels)
+            expected[case] = expected_dice(probs, seg, labels, regions_class_order)  # calibrates the review flag
     mean = {str(v): float(np.mean([d[str(v)] for d in per_case.values()])) for v in labels} if per_case else {}
     summary = {"dice_per_case": per_case, "mean_dice": mean,
-               "mean_foreground_dice": float(np.mean(list(mean.values()))) if mean else None}
+               "mean_foreground_dice": float(np.mean(list(mean.values()))) if mean else None,
+               "expected_dice_per_case": expected}
     write_json(folder / SUMMARY_JSON, summary)
     return summary
 
