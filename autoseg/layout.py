@@ -6,6 +6,7 @@ Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, pla
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
                     fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, training_setup.json, log.jsonl,
                     progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
+Predictions::       <out>/CASE<ending> or CASE.dcm (DICOM-SEG), CASE.npz, CASE.model.json (the model that made them)
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ TRAINING_SETUP_JSON = "training_setup.json"  # measured precision, chosen schedu
 PROGRESS_PNG = "progress.png"
 VALIDATION = "validation"
 SUMMARY_JSON = "summary.json"
+
+
+# Predictions (autoseg predict -o)
+DICOM_SEG_ENDING = ".dcm"  # CASE.dcm, a DICOM Segmentation (--output-format dicom-seg)
+
+
+def model_record(case_id: str) -> str:
+    """``CASE.model.json``: which model made a case's predictions (a rerun with another model redoes the case)."""
+    return f"{case_id}.model.json"
 
 
 def image_file(case_id: str, channel: int, ending: str) -> str:
