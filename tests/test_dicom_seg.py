@@ -200,3 +200,19 @@ def test_source_without_frame_of_reference_is_refused_by_name(tmp_path):
     with pytest.raises(AutosegError, match="FrameOfReferenceUID.*--output-format nifti"):
         write_dicom_seg(tmp_path / "x.dcm", np.zeros(image.shape, np.uint8), series, meta)
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_api_saves_a_dicom_seg_of_a_series_only(model, case):
+    import autoseg
+
+    root, image, geo = case
+    loaded = autoseg.load_model(model, device="cpu")
+    seg = loaded.segment(root / "series")
+    seg.save(root / "api.dcm")
+    assert _predict(root / "series", root / "cli", "--output-format", "dicom-seg") == 0
+    sources = _sources(root / "series")
+    from_api = _labels_from_seg(pydicom.dcmread(root / "api.dcm"), sources)
+    assert np.array_equal(from_api, _labels_from_seg(pydicom.dcmread(root / "cli" / "series.dcm"), sources))
+    assert np.array_equal(from_api, seg.labels)
+    with pytest.raises(AutosegError, match="not of a DICOM series; save it as .nii.gz"):
+        loaded.segment(image.astype(np.float32), spacing=geo.spacing_zyx).save(root / "array.dcm")
