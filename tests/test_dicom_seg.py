@@ -4,6 +4,7 @@ resumable like the NIfTI outputs; NIfTI input refused before a model is loaded."
 
 from __future__ import annotations
 
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -97,6 +98,8 @@ def test_dicom_seg_round_trip_overlays_the_source(model, case):
     algorithm = tumour.SegmentationAlgorithmIdentificationSequence[0]
     assert (tumour.SegmentAlgorithmType, algorithm.AlgorithmName, algorithm.AlgorithmVersion) == \
         ("AUTOMATIC", "autoseg", __version__)
+    record = json.loads((root / "seg" / "series.model.json").read_text())  # the model is named in both
+    assert algorithm.AlgorithmParameters == f"configurations=3d_fullres,model={record['model'][:16]}"
     # the frames overlay the source slices: the NIfTI prediction of the same series, voxel for voxel
     shared = seg.SharedFunctionalGroupsSequence[0]
     np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],

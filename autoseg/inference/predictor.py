@@ -366,7 +366,7 @@ def predict_folder(
     cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
     require_sources(output_format, cases, in_dir)
     model = model_identity(predictors, postprocessing)
-    described = {"configurations": "+".join(p.configuration for p in predictors), "model": model[:16]}
+    algorithm = {"configurations": "+".join(p.configuration for p in predictors), "model": model[:16]}
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
     outputs = predictors[0].models[0].num_outputs
@@ -396,7 +396,7 @@ def predict_folder(
                 seg = apply_postprocessing(seg, postprocessing)
             if save_probabilities:
                 write_probabilities(written[1], probs, geometry)
-            write_labels(target, seg, geometry, case, output_format, meta, described)
+            write_labels(target, seg, geometry, case, output_format, meta, algorithm)
             record_model(out_dir, case.case_id, model, written)  # last: it marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
