@@ -166,6 +166,9 @@ def test_dicom_seg_rerun_skips_finished_and_redoes_broken(model, case):
     again = pydicom.dcmread(out / "series.dcm")
     assert np.array_equal(again.pixel_array, pydicom.dcmread(pydicom.filebase.DicomBytesIO(first)).pixel_array)
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    (out / "series.dcm").write_bytes(b"not DICOM at all")
+    assert _predict(root / "series", out, "--output-format", "dicom-seg") == 0
+    assert pydicom.dcmread(out / "series.dcm").Modality == "SEG"
 
 
 def test_region_labels_are_one_segment_each_with_all_their_values(tmp_path):

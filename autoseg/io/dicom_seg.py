@@ -101,10 +101,11 @@ def _pixels(labels: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
 def check_dicom_seg(path: Path) -> None:
     """Raise unless ``path`` reads back as a DICOM Segmentation with its frames (what a rerun may keep)."""
     highdicom, _, _ = _libraries()
-    seg = highdicom.seg.segread(path)
-    if seg.SOPClassUID != "1.2.840.10008.5.1.4.1.1.66.4":
-        raise ValueError(f"SOP class {seg.SOPClassUID} is not a Segmentation")
-    seg.pixel_array  # decodes every frame: a truncated file fails here
+    try:
+        seg = highdicom.seg.segread(path)
+        seg.pixel_array  # decodes every frame: a truncated file fails here
+    except Exception as e:  # pydicom and highdicom raise many kinds; any of them means the file is not usable
+        raise AutosegError(f"{path}: not a readable DICOM Segmentation ({type(e).__name__}: {e})") from None
 
 
 def write_dicom_seg(path: str | Path, labels: np.ndarray, series: DicomSeries, meta: Mapping[str, Any],

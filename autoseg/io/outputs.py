@@ -94,7 +94,7 @@ def _readable(path: Path) -> bool:
             check_dicom_seg(path)
         else:
             read_image(path)
-    except (OSError, AutosegError, ValueError, AttributeError, KeyError):
+    except (OSError, AutosegError):
         return False
     return True
 
