@@ -15,7 +15,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,9 +24,12 @@ from .bundle import open_bundle
 from .errors import AutosegError
 from .inference.postprocess import apply_postprocessing
 from .inference.predictor import Predictor
+from .io.dicom import DicomSeries
+from .io.dicom_seg import write_dicom_seg
 from .io.images import Geometry, write_image
 from .io.inputs import find_inputs, read_input
 from .labels import LabelSpec, labels_from_probabilities
+from .layout import DICOM_SEG_ENDING
 from .pipeline import load_predictors
 
 ImageInput = str | Path | sitk.Image | np.ndarray
@@ -42,6 +45,8 @@ class Segmentation:
     label_names: dict[int, str]
     probabilities: np.ndarray | None = None
     case_id: str = ""
+    source: DicomSeries | None = None  # the DICOM series segmented, when it was one (for a DICOM-SEG)
+    dataset: Mapping[str, Any] | None = None  # the model's dataset.json (labels, regions)
 
     def to_sitk(self) -> sitk.Image:
         """The labels as a SimpleITK image with the input's spacing, origin and direction."""
@@ -52,8 +57,15 @@ class Segmentation:
         return image
 
     def save(self, path: str | Path) -> None:
-        """Write the labels (format from the file name, e.g. ``.nii.gz``), atomically."""
-        write_image(path, self.labels, self.geometry)
+        """Write the labels (format from the file name, e.g. ``.nii.gz``; ``.dcm`` is a DICOM-SEG referring to
+        the source series, for a segmentation of a DICOM series), atomically."""
+        if not str(path).lower().endswith(DICOM_SEG_ENDING):
+            write_image(path, self.labels, self.geometry)
+        elif self.source is None or self.dataset is None:
+            raise AutosegError(f"{path}: a DICOM-SEG refers to the DICOM series it segments, and this segmentation "
+                               "is not of a DICOM series; save it as .nii.gz")
+        else:
+            write_dicom_seg(path, self.labels, self.source, self.dataset, {"model": "autoseg.segment"})
 
     def volumes_ml(self) -> dict[str, float]:
         """Volume of every named label in mL."""
@@ -104,8 +116,8 @@ class Model:
                 origin: Sequence[float] | None = None, direction: Sequence[float] | None = None,
                 probabilities: bool = False, postprocess: bool = True) -> Segmentation:
         """Segment one image; see :func:`segment`."""
-        data, geometry, case_id = _as_case(image, len(self.meta["channel_names"]), self.meta["file_ending"],
-                                           spacing, origin, direction)
+        data, geometry, case_id, source = _as_case(image, len(self.meta["channel_names"]),
+                                                   self.meta["file_ending"], spacing, origin, direction)
         probs = self.predictors[0].predict_array(data, geometry)
         for p in self.predictors[1:]:
             probs += p.predict_array(data, geometry)
@@ -113,12 +125,14 @@ class Model:
         labels = labels_from_probabilities(probs, self.predictors[0].regions_class_order)
         if postprocess and self.postprocessing:
             labels = apply_postprocessing(labels, self.postprocessing)
-        return Segmentation(labels, geometry, self.label_names, probs if probabilities else None, case_id)
+        return Segmentation(labels, geometry, self.label_names, probs if probabilities else None, case_id, source,
+                            self.meta)
 
 
 def _as_case(image: ImageInput, n_channels: int, ending: str, spacing: Sequence[float] | None,
-             origin: Sequence[float] | None, direction: Sequence[float] | None) -> tuple[np.ndarray, Geometry, str]:
-    """(C, Z, Y, X) float32 data, geometry and a name for any accepted input."""
+             origin: Sequence[float] | None,
+             direction: Sequence[float] | None) -> tuple[np.ndarray, Geometry, str, DicomSeries | None]:
+    """(C, Z, Y, X) float32 data, geometry, a name and the DICOM series it is (or None) for any accepted input."""
     if isinstance(image, (str, Path)):
         cases, problems = find_inputs(Path(image), ending, n_channels)
         if len(cases) != 1:
@@ -127,13 +141,13 @@ def _as_case(image: ImageInput, n_channels: int, ending: str, spacing: Sequence[
                                f"{'; '.join(problems)}; segment() takes one image or series, "
                                "`autoseg predict` takes many")
         data, geometry = read_input(cases[0])
-        return data, geometry, cases[0].case_id
+        return data, geometry, cases[0].case_id, cases[0] if isinstance(cases[0], DicomSeries) else None
     if isinstance(image, sitk.Image):
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise AutosegError(f"image: a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
                                "components per voxel; segment() takes a 3D scalar SimpleITK image")
         array = sitk.GetArrayFromImage(image).astype(np.float32)
-        return _channels(array, n_channels), Geometry.of(image), ""
+        return _channels(array, n_channels), Geometry.of(image), "", None
     if isinstance(image, np.ndarray):
         if spacing is None:
             raise AutosegError("image: a numpy array needs spacing=(z, y, x) in mm, in array axis order")
@@ -145,7 +159,7 @@ def _as_case(image: ImageInput, n_channels: int, ending: str, spacing: Sequence[
                             tuple(float(v) for v in (origin if origin is not None else (0.0, 0.0, 0.0))),
                             tuple(float(v) for v in (direction if direction is not None else np.eye(3).ravel())),
                             tuple(int(n) for n in shape))
-        return _channels(array, n_channels), geometry, ""
+        return _channels(array, n_channels), geometry, "", None
     raise AutosegError(f"image: {type(image).__name__} is not a path, a SimpleITK.Image or a numpy array")
 
 

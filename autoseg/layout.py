@@ -6,8 +6,8 @@ Preprocessed::      <preprocessed>/<dataset>/fingerprint.json, sources.json, pla
 Results::           <results>/<dataset>/splits.json, inference_plan.json, <configuration>/plans.json, dataset.json,
                     fold_<k>/checkpoint_{latest,best,final}.safetensors, checkpoint_latest.state.pt, training_setup.json, log.jsonl,
                     progress.png, validation/CASE<ending>, validation/CASE.npz, validation/summary.json
-Predictions::       OUT/CASE<ending>, OUT/CASE.npz, OUT/uncertainty/CASE_{entropy,mutual_information,probability}<ending>,
-                    OUT/uncertainty/CASE.json
+Predictions::       <out>/CASE<ending> or CASE.dcm (DICOM-SEG), CASE.npz, CASE.model.json (the model that made them),
+                    <out>/uncertainty/CASE_{entropy,mutual_information,probability}<ending>, uncertainty/CASE.json
 """
 
 from __future__ import annotations
@@ -103,6 +103,15 @@ def uncertainty_files(case_id: str, ending: str) -> dict[str, str]:
     """File names inside ``OUT/uncertainty/`` of one case of ``predict --uncertainty``: a map per
     :data:`UNCERTAINTY_MAPS` entry (``CASE_entropy<ending>``, ...) and ``summary`` (``CASE.json``, written last)."""
     return {**{m: f"{case_id}_{m}{ending}" for m in UNCERTAINTY_MAPS}, "summary": f"{case_id}.json"}
+
+
+# Predictions (autoseg predict -o)
+DICOM_SEG_ENDING = ".dcm"  # CASE.dcm, a DICOM Segmentation (--output-format dicom-seg)
+
+
+def model_record(case_id: str) -> str:
+    """``CASE.model.json``: which model made a case's predictions (a rerun with another model redoes the case)."""
+    return f"{case_id}.model.json"
 
 
 def image_file(case_id: str, channel: int, ending: str) -> str:

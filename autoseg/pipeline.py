@@ -22,6 +22,7 @@ from .inference.selection import find_best_configuration
 from .io.dataset import Case, case_signature, images_in_folder, load_dataset_json, resolve_labels
 from .io.images import read_image, write_image
 from .io.inputs import IMAGE_ENDINGS
+from .io.outputs import require_source_for
 from .io.verify import check_dataset
 from .jsonfile import read_json
 from .labels import LabelSpec
@@ -192,11 +193,13 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True, precision: str = "auto",
-            uncertainty: bool = False) -> None:
+            output_format: str = "nifti", uncertainty: bool = False) -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
     trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`;
-    ``uncertainty`` adds the maps, lesion confidences and the review flag (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad
-    cases are raised together at the end."""
+    ``output_format`` ``nifti`` or ``dicom-seg`` (checked against the input before a model is loaded);
+    ``uncertainty`` adds the maps, lesion confidences and the review flag
+    (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad cases are raised together at the end."""
+    require_source_for(output_format, Path(input_dir))
     bundle_dir = None
     if model:
         dataset_dir = open_bundle(Path(model))
@@ -210,7 +213,7 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
                                                      precision)
         review = review_thresholds(dataset_dir, predictors) if uncertainty else None
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
-                                  postprocessing if postprocess else None, uncertainty, review)
+                                  postprocessing if postprocess else None, output_format, uncertainty, review)
     finally:
         if bundle_dir is not None:
             shutil.rmtree(bundle_dir, ignore_errors=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil as shutil_module
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +154,74 @@ def test_refusals_name_the_problem(tmp_path, roots):
     _volume(lits / "segmentation-3.nii", 0, (1,))
     with pytest.raises(AutosegError, match="without their volume-N file"):
         convert_dataset("lits", lits, raw, 29)
+
+
+# ------------------------------------------------------------------------------------- interrupted and resumed
+
+_DIE_AT_COPY = """
+import os, shutil, signal, sys
+real, calls = shutil.copyfileobj, []
+
+def copy_then_die(fsrc, fdst, length=0):  # the third file: half of it written, then the process is killed
+    calls.append(1)
+    if len(calls) == 3:
+        fdst.write(fsrc.read(4096))
+        fdst.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(fsrc, fdst, length)
+
+shutil.copyfileobj = copy_then_die
+from autoseg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _lits_layout(root: Path) -> Path:
+    """Four LiTS training cases and a test case, as uncompressed ``.nii`` (so every copy is a gzip write)."""
+    src = {n: (root / "Training Batch 1" / f"volume-{n}.nii", root / "Training Batch 1" / f"segmentation-{n}.nii")
+           for n in (0, 3, 27, 130)}
+    src[5] = (root / "Test" / "test-volume-5.nii", None)
+    _pairs(src)
+    return root
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_conversion_resumes_to_the_uninterrupted_result(tmp_path, roots):
+    src = _lits_layout(tmp_path / "LiTS")
+    reference = convert_dataset("lits", src, tmp_path / "reference", 41)
+    run = subprocess.run([sys.executable, "-c", _DIE_AT_COPY, "convert", "lits", str(src), "-d", "41"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -9, run.stderr  # killed, no cleanup ran
+    out = roots["AUTOSEG_RAW"] / reference.name
+    left = _tree(out)
+    assert "dataset.json" not in left and len(left) == 3  # two files finished, one half-written temporary
+    assert len([name for name in left if Path(name).name.startswith(".tmp-")]) == 1
+    assert main(["convert", "lits", str(src), "-d", "41"]) == 0
+    assert _tree(out) == _tree(reference)  # the same files with the same bytes, nothing half-written left
+    check_dataset(out, [])
+
+
+def test_interrupted_conversion_resumes(tmp_path, roots, monkeypatch):
+    """Ctrl-C in the middle of a copy: nothing half-written is kept, and the rerun completes the dataset."""
+    src = _lits_layout(tmp_path / "LiTS")
+    reference = convert_dataset("lits", src, tmp_path / "reference", 41)
+    real, calls = shutil_module.copyfileobj, []
+
+    def interrupt(fsrc, fdst, length=0):
+        calls.append(1)
+        if len(calls) == 6:
+            fdst.write(fsrc.read(4096))
+            raise KeyboardInterrupt
+        return real(fsrc, fdst, length)
+
+    monkeypatch.setattr(shutil_module, "copyfileobj", interrupt)
+    assert main(["convert", "lits", str(src), "-d", "41"]) == 130
+    monkeypatch.setattr(shutil_module, "copyfileobj", real)
+    out = roots["AUTOSEG_RAW"] / reference.name
+    left = _tree(out)
+    assert len(left) == 5 and "dataset.json" not in left and not any(".tmp-" in name for name in left)
+    assert main(["convert", "lits", str(src), "-d", "41"]) == 0
+    assert _tree(out) == _tree(reference)

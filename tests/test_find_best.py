@@ -9,6 +9,7 @@ import pytest
 from autoseg.cli import main
 from autoseg.io.images import Geometry, write_image, write_probabilities
 from autoseg.inference.selection import find_best_configuration
+from autoseg.layout import checkpoint_file
 
 NAME = "Dataset501_AbdomenPhantom"
 META = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
@@ -29,10 +30,13 @@ def probs_of(labels: np.ndarray) -> np.ndarray:
     return 0.1 + 0.8 * onehot
 
 
-def write_cv(results, config: str, preds: dict[str, np.ndarray], folds=("0", "1")) -> None:
+def write_cv(results, config: str, preds: dict[str, np.ndarray], folds=("0", "1"), final: bool = True) -> None:
+    """Validation outputs of trained folds (``final``: with the checkpoint_final a finished training leaves)."""
     for k, fold in enumerate(folds):
         folder = results / NAME / config / f"fold_{fold}" / "validation"
         folder.mkdir(parents=True)
+        if final:
+            checkpoint_file(folder.parent, "final").write_bytes(b"weights")
         mine = CASES[k::len(folds)]
         for case in mine:
             write_image(folder / f"{case}.nii.gz", preds[case], GEO)
@@ -144,6 +148,7 @@ def test_review_threshold_calibrated_on_cross_validation(tmp_path, monkeypatch, 
     for fold in ("0", "1"):
         folder = tmp_path / "results" / NAME / "3d_fullres" / f"fold_{fold}" / "validation"
         (folder / "summary.json").write_text(json.dumps({"dice_per_case": {c: {} for c in CASES[int(fold)::2]}}))
+        checkpoint_file(folder.parent, "final").write_bytes(b"weights")  # folds trained to the end
     assert main(["find_best_configuration", "-d", NAME]) == 0
     assert "review: flag when organ expected Dice <" in capsys.readouterr().out
     plan = read_json(tmp_path / "results" / NAME / "inference_plan.json", "", "inference_plan")  # schema-checked
@@ -154,3 +159,32 @@ def test_review_threshold_calibrated_on_cross_validation(tmp_path, monkeypatch, 
     assert rule["expected_dice_below"] == pytest.approx((low[-1] + good) / 2, abs=1e-6)
     assert rule["low_dice_cases"] == 2 and rule["cv_sensitivity"] == 1.0 and rule["cv_specificity"] == 1.0
     assert plan["review"]["cases"] == 4 and rule["name"] == "organ"
+
+
+def test_folds_without_final_checkpoint_are_ignored(layout):
+    """A fold whose training stopped after an earlier validation (no checkpoint_final) must not be scored: a
+    perfect but unfinished 2d would otherwise win, and its folds could not be predicted with."""
+    tmp_path, refs, full, flat = layout
+    write_cv(tmp_path / "results", "3d_lowres", refs, final=False)  # exact, but never finished
+    plan = find_best_configuration(tmp_path / "results" / NAME, tmp_path / "raw" / NAME / "labelsTr", META)
+    assert "3d_lowres" not in plan["mean_foreground_dice"]
+    assert not any("3d_lowres" in c for c in plan["mean_foreground_dice"])
+    assert plan["configurations"] == ["3d_fullres"]
+    assert any("3d_lowres/fold_0" in n and "checkpoint_final" in n for n in plan["notes"])
+    # one fold of 3d_fullres unfinished: only the other fold's cases are scored, and only it is planned
+    checkpoint_file(tmp_path / "results" / NAME / "3d_fullres" / "fold_1", "final").unlink()
+    plan = find_best_configuration(tmp_path / "results" / NAME, tmp_path / "raw" / NAME / "labelsTr", META)
+    assert plan["configurations"] == ["3d_fullres"] and plan["folds"] == {"3d_fullres": ["0"]}
+    assert plan["cases"] == 2  # c0, c2 (fold 0), shared with 2d
+
+
+def test_only_unfinished_folds_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+    (tmp_path / "raw" / NAME / "labelsTr").mkdir(parents=True)
+    (tmp_path / "pp" / NAME).mkdir(parents=True)
+    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    write_cv(tmp_path / "results", "3d_fullres", {c: reference(i) for i, c in enumerate(CASES)}, final=False)
+    assert main(["find_best_configuration", "-d", NAME]) == 1
+    err = capsys.readouterr().err
+    assert "trained to the end" in err and "3d_fullres/fold_0" in err

@@ -96,7 +96,8 @@ def test_predict_folder_geometry_skip_and_bad_case(tmp_path):
     assert seg.dtype == np.uint8 and np.array_equal(seg, ref)
     img = sitk.ReadImage(str(out / "a.nii.gz"))
     assert img.GetDirection() == DIRECTION
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a.npz", "b.nii.gz", "b.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.model.json", "a.nii.gz", "a.npz", "b.model.json", "b.nii.gz",
+                                                     "b.npz"]
     stamp = (out / "a.nii.gz").stat().st_mtime_ns
     predict_folder([fake_predictor((2.5, 0.9, 0.9))], src, out)
     assert (out / "a.nii.gz").stat().st_mtime_ns == stamp  # finished cases are skipped

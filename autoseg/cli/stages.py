@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import pipeline
 from ..atomic import write_json
+from ..io.outputs import OUTPUT_FORMATS
 from ..jsonfile import read_json
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
@@ -59,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
-                     args.overwrite, not args.no_postprocessing, args.precision, args.uncertainty)
+                     args.overwrite, not args.no_postprocessing, args.precision, args.output_format, args.uncertainty)
     print(f"predictions in {args.output}")
     return 0
 
@@ -185,7 +186,13 @@ def add_cli(sub: Any) -> None:
                    "mutual information and each voxel's label probability (float NIfTI on the input's grid), and "
                    "CASE.json with the expected Dice per structure, lesion confidences and flag_for_review (by the "
                    "thresholds find_best_configuration calibrated on cross-validation)")
-    p.add_argument("--overwrite", action="store_true", help="predict cases again even if their output exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict cases again even if their output exists and was made by the same model (a case "
+                   "predicted with another model or postprocessing is redone anyway; CASE.model.json says which)")
+    p.add_argument("--output-format", choices=list(OUTPUT_FORMATS), default="nifti",
+                   help="nifti (default): CASE.nii.gz label maps (the dataset's file ending); dicom-seg: CASE.dcm, "
+                   "a DICOM Segmentation referring to the source series, one segment per label (DICOM input only; "
+                   "needs the extra autoseg[dicom])")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="numeric mode of the network: auto (default) times a forward pass in float32 and, where the "

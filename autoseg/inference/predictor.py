@@ -35,8 +35,9 @@ from ..atomic import json_safe, remove_stale_temporaries, write_json
 from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
 from ..io.dataset import load_dataset_json
-from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
+from ..io.images import Geometry, write_image, write_probabilities
 from ..io.inputs import find_inputs, read_input
+from ..io.outputs import finished, label_output, record_model, require_sources, write_labels
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import PLANS_JSON, UNCERTAINTY, checkpoint_file, fold_dir, trained_folds, uncertainty_files
@@ -46,6 +47,7 @@ from ..precision import Precision, probe
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
 from ..preprocessing.resample import case_memory_bytes
 from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
+from .identity import model_identity
 from .postprocess import apply_postprocessing
 from .progress import TileProgress
 from .uncertainty import case_uncertainty, member_statistics, mutual_information
@@ -424,21 +426,6 @@ def write_uncertainty(folder: Path, case_id: str, ending: str, probs: np.ndarray
     return summary
 
 
-def _finished(output: Path, inputs: Sequence[Path]) -> bool:
-    """An output a rerun may keep: present, readable to the end, and newer than every input (an input edited or
-    replaced since is predicted again)."""
-    try:
-        if output.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in inputs):
-            return False
-        if output.suffix == ".npz":
-            read_probabilities(output)
-        else:
-            read_image(output)
-    except (OSError, AutosegError):
-        return False
-    return True
-
-
 def predict_folder(
     predictors: Sequence[Predictor],
     in_dir: Path,
@@ -446,31 +433,36 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     postprocessing: dict | None = None,
+    output_format: str = "nifti",
     uncertainty: bool = False,
     review: dict | None = None,
 ) -> list[str]:
     """Predict every case of ``in_dir`` (a folder, an image file, a DICOM series folder or zip: see
     :func:`~autoseg.io.inputs.find_inputs`) into ``out_dir``; probabilities of several predictors are averaged.
+    ``output_format``: ``nifti`` or ``dicom-seg`` (DICOM series only; :mod:`autoseg.io.outputs`).
 
     ``uncertainty`` also writes ``out_dir/uncertainty/`` (:func:`write_uncertainty`), flagging cases for review by
     the inference plan's calibrated ``review`` thresholds.
 
-    Finished cases (complete outputs newer than their inputs) are skipped unless ``overwrite``; bad cases,
-    including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
-    Each output is written atomically and read back before it counts.
+    Finished cases (complete outputs newer than their inputs, recorded as made by the same model) are skipped
+    unless ``overwrite``; bad cases, including one too large for memory or a full disk, are reported (returned) by
+    name and do not stop the others. Each output is written atomically and read back before it counts.
     """
     meta = predictors[0].meta
     ending = meta["file_ending"]
     cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
+    require_sources(output_format, cases, in_dir)
+    model = model_identity(predictors, postprocessing)
+    algorithm = {"configurations": "+".join(p.configuration for p in predictors), "model": model[:16]}
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
     outputs = predictors[0].models[0].num_outputs
     for case in tqdm(cases, desc="predict", unit="case"):
-        target = out_dir / f"{case.case_id}{ending}"
+        target = label_output(out_dir, case.case_id, output_format, ending)
         npz = out_dir / f"{case.case_id}.npz"
         maps = out_dir / UNCERTAINTY / uncertainty_files(case.case_id, ending)["entropy"]
-        if (not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images))
-                and (not uncertainty or _finished(maps, case.images))):
+        written = [target] + ([npz] if save_probabilities else []) + ([maps] if uncertainty else [])
+        if not overwrite and finished(out_dir, case.case_id, written, case.images, model):
             continue
         t0 = time.perf_counter()
         try:
@@ -502,7 +494,8 @@ def predict_folder(
                                             predictors, mi, review)
                 if summary["flag_for_review"]:
                     tqdm.write(f"{case.case_id}: flagged for review: {'; '.join(summary['reasons'])}")
-            write_image(target, seg, geometry)  # last: its presence marks the case finished
+            write_labels(target, seg, geometry, case, output_format, meta, algorithm)
+            record_model(out_dir, case.case_id, model, written)  # last: it marks the case finished
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
             continue

@@ -18,17 +18,27 @@ from ..errors import AutosegError
 from ..io.images import read_image
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
-from ..layout import SUMMARY_JSON, VALIDATION
+from ..layout import SUMMARY_JSON, VALIDATION, checkpoint_file
 from ..masks import dice_per_label
 from .ensemble import average_probabilities
 from .postprocess import apply_postprocessing, determine_postprocessing, mean_dice
 from .uncertainty import DICE_BELOW, calibrate_review, expected_dice
 
 
+def _unfinished_folds(config_dir: Path) -> list[str]:
+    """Folds with a validation summary but no final checkpoint: a run that stopped (or is running) after an
+    earlier validation; their predictions come from weights no one can predict with, so they are not scored."""
+    return [s.parent.parent.name for s in sorted(config_dir.glob(f"fold_*/{VALIDATION}/{SUMMARY_JSON}"))
+            if not checkpoint_file(s.parent.parent, "final").is_file()]
+
+
 def _cv_cases(config_dir: Path) -> dict[str, tuple[Path, str]]:
-    """Validation predictions of every trained fold: case id -> (folder, fold)."""
+    """Validation predictions of every fold trained to the end (``checkpoint_final`` present): case id ->
+    (folder, fold)."""
     out = {}
     for summary in sorted(config_dir.glob(f"fold_*/{VALIDATION}/{SUMMARY_JSON}")):
+        if not checkpoint_file(summary.parent.parent, "final").is_file():
+            continue
         fix = "fix it, or delete that fold's validation/ folder and train the fold again"
         for case in read_json(summary, fix, "validation_summary")["dice_per_case"]:
             out[case] = (summary.parent, summary.parent.parent.name.removeprefix("fold_"))
@@ -44,8 +54,11 @@ def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any
     labels = spec.predicted_values()
     spec_names = spec.names
     trained = {d.name: _cv_cases(d) for d in sorted(results.iterdir()) if d.is_dir() and _cv_cases(d)}
+    unfinished = [f"{d.name}/{fold}" for d in sorted(results.iterdir()) if d.is_dir() for fold in _unfinished_folds(d)]
     if not trained:
-        raise AutosegError(f"{results}: no configuration has validation results; train folds to the end first")
+        raise AutosegError(f"{results}: no configuration has validation results of a fold trained to the end"
+                           f"{' (without checkpoint_final: ' + ', '.join(unfinished) + ')' if unfinished else ''}; "
+                           "train folds to the end first")
     cases = sorted(set.intersection(*(set(v) for v in trained.values())))
     if not cases:
         raise AutosegError(f"{results}: the trained configurations share no validation case; train the same folds")
@@ -69,7 +82,9 @@ def find_best_configuration(results: Path, raw_labels: Path, meta: dict[str, Any
         "postprocessing": spec,
         "mean_foreground_dice": table,
         "cases": len(cases),
-        "notes": [f"chose {best} (mean foreground Dice {table[best]:.4f} on {len(cases)} validation cases)"] + notes,
+        "notes": [f"chose {best} (mean foreground Dice {table[best]:.4f} on {len(cases)} validation cases)"] + notes
+        + [f"ignored {f}: its validation has no checkpoint_final beside it (training did not finish)"
+           for f in unfinished],
     }
     final = [apply_postprocessing(seg, spec) for seg in candidates[best]]
     estimates, source = _cv_expected_dice([trained[c] for c in configs], cases, final, labels, rco)

@@ -3,7 +3,9 @@
 Each converter finds the cases of its dataset, copies every image to ``imagesTr/CASE_0000.nii.gz`` (or ``imagesTs``
 when the case has no label) and every label to ``labelsTr/CASE.nii.gz``, and writes ``dataset.json`` last. Files are
 copied byte for byte (``.nii`` files are gzip-compressed, which a ``.nii.gz`` is), so the geometry is the source's
-exactly. Writes are atomic; an interrupted conversion is continued by the same command, a finished one is refused.
+exactly. Writes are atomic; an interrupted conversion (killed, Ctrl-C) is continued by the same command, which
+removes the temporaries a killed run left and keeps the files it finished, and ends with the same bytes as an
+uninterrupted run (the gzip header records no time or temporary name); a finished one is refused.
 
 ========== ============================================ ===========================================================
 dataset    source layout                                labels
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, remove_stale_temporaries, write_json
 from ..errors import AutosegError
-from ..layout import DATASET_JSON, IMAGES_TR, LABELS_TR, image_file
+from ..layout import DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR, image_file
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,14 @@ CONVERTERS: dict[str, Converter] = {
 
 
 def _copy_nifti(src: Path, dst: Path) -> None:
-    """Copy a NIfTI file to ``dst`` (``.nii.gz``) atomically; an uncompressed ``.nii`` is gzip-compressed."""
+    """Copy a NIfTI file to ``dst`` (``.nii.gz``) atomically; an uncompressed ``.nii`` is gzip-compressed, with
+    no file name or time in the header, so the same source always gives the same bytes."""
     with atomic_path(dst) as tmp:
         if src.name.endswith(".gz"):
             shutil.copyfile(src, tmp)
         else:
-            with open(src, "rb") as fin, gzip.open(tmp, "wb", compresslevel=6) as fout:
+            with open(src, "rb") as fin, open(tmp, "wb") as raw, \
+                    gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=raw, mtime=0) as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
 
 
@@ -173,6 +177,8 @@ def convert_dataset(kind: str, src: str | Path, raw_root: str | Path, dataset_id
     if not training:
         raise AutosegError(f"{src}: no {conv.name} training cases found; expected the layout described in "
                            "`autoseg convert --help`")
+    for folder in (IMAGES_TR, LABELS_TR, IMAGES_TS):  # half-written files of a killed run
+        remove_stale_temporaries(out / folder)
     for case in cases:
         split = "Tr" if case.label is not None else "Ts"
         target = out / f"images{split}" / image_file(case.case_id, 0, ".nii.gz")

@@ -186,13 +186,22 @@ def _read_files(series: DicomSeries, files: Sequence[str]) -> tuple[np.ndarray, 
     return sitk.GetArrayFromImage(image), Geometry.of(image)
 
 
-def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
-    """A checked series as a (Z, Y, X) array in HU and its exact geometry (zipped series are extracted to a
-    temporary folder for the read)."""
+@contextmanager
+def local_files(series: DicomSeries) -> Iterator[list[str]]:
+    """The series' files on disk in GDCM's slice order: its own files, or for a zipped series its members extracted
+    to a temporary folder that lasts while the block runs."""
     if series.zip_path is None:
-        return _read_files(series, series.files)
+        yield list(series.files)
+        return
     with _extracted(series.zip_path, series.files) as tmp:
-        return _read_files(series, [str(tmp / f) for f in series.files])
+        yield [str(tmp / f) for f in series.files]
+
+
+def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+    """A checked series as a (Z, Y, X) array in HU and its exact geometry: slice ``z`` of the array is
+    ``series.files[z]``."""
+    with local_files(series) as files:
+        return _read_files(series, files)
 
 
 def write_series(folder: str | Path, image: np.ndarray, geometry: Geometry, series_uid: str,
@@ -211,6 +220,7 @@ def write_series(folder: str | Path, image: np.ndarray, geometry: Geometry, seri
     writer.KeepOriginalImageUIDOn()
     orientation = "\\".join(f"{v:.10g}" for v in (*d[:, 0], *d[:, 1]))
     common = {"0008|0060": "CT", "0020|000d": study_uid, "0020|000e": series_uid, "0020|0037": orientation,
+              "0020|0052": f"{series_uid}.0",  # FrameOfReferenceUID (a DICOM-SEG refers to it); slices are .1, ...
               "0010|0010": "PHANTOM^AUTOSEG", "0010|0020": "autoseg", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
               "0018|0050": f"{geometry.spacing[2]:.10g}", "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU"}
     written = []
