@@ -31,7 +31,7 @@ from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
 from ..io.dataset import load_dataset_json
 from ..io.images import Geometry, read_image, read_probabilities, write_image, write_probabilities
-from ..io.inputs import find_inputs, read_input
+from ..io.inputs import InputCase, find_inputs, read_input
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
 from ..layout import PLANS_JSON, checkpoint_file, fold_dir, trained_folds
@@ -357,6 +357,60 @@ def _finished(output: Path, inputs: Sequence[Path]) -> bool:
     return True
 
 
+def pending_cases(meta: dict, in_dir: Path, out_dir: Path, save_probabilities: bool = False,
+                  overwrite: bool = False) -> tuple[list[InputCase], list[str]]:
+    """The cases of ``in_dir`` (see :func:`~autoseg.io.inputs.find_inputs`) still to predict into ``out_dir`` and
+    the problems met finding them. Finished cases (complete outputs newer than their inputs) are left out unless
+    ``overwrite``. Creates ``out_dir`` and deletes the temporaries a killed run left there, so call it once per run,
+    before any worker writes."""
+    ending = meta["file_ending"]
+    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    todo = [c for c in cases if overwrite or not _finished(out_dir / f"{c.case_id}{ending}", c.images)
+            or (save_probabilities and not _finished(out_dir / f"{c.case_id}.npz", c.images))]
+    return todo, problems
+
+
+def predict_case(
+    predictors: Sequence[Predictor],
+    case: InputCase,
+    out_dir: Path,
+    save_probabilities: bool = False,
+    postprocessing: dict | None = None,
+) -> None:
+    """Predict one case into ``out_dir``; probabilities of several predictors are averaged. Raises
+    ``AutosegError`` for a bad case (unreadable, too large for memory, a full disk). Each output is written
+    atomically and read back before it counts, the label map last: its presence marks the case finished."""
+    ending = predictors[0].meta["file_ending"]
+    target = out_dir / f"{case.case_id}{ending}"
+    npz = out_dir / f"{case.case_id}.npz"
+    outputs = predictors[0].models[0].num_outputs
+    t0 = time.perf_counter()
+    data, geometry = read_input(case)
+    for p in predictors:  # every configuration's grid, before the first large allocation
+        new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
+        require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
+                       f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
+                       f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
+                       f"model's spacing)", "check the spacing in the image header or use a machine with "
+                       "more memory")
+    passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
+    with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
+        probs = predictors[0].predict_array(data, geometry, bar.update)
+        for p in predictors[1:]:
+            probs += p.predict_array(data, geometry, bar.update)
+    probs /= len(predictors)
+    seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+    if postprocessing:
+        seg = apply_postprocessing(seg, postprocessing)
+    if save_probabilities:
+        write_probabilities(npz, probs, geometry)
+    write_image(target, seg, geometry)  # last: its presence marks the case finished
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
+
+
 def predict_folder(
     predictors: Sequence[Predictor],
     in_dir: Path,
@@ -372,42 +426,10 @@ def predict_folder(
     including one too large for memory or a full disk, are reported (returned) by name and do not stop the others.
     Each output is written atomically and read back before it counts.
     """
-    meta = predictors[0].meta
-    ending = meta["file_ending"]
-    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
-    outputs = predictors[0].models[0].num_outputs
+    cases, problems = pending_cases(predictors[0].meta, in_dir, out_dir, save_probabilities, overwrite)
     for case in tqdm(cases, desc="predict", unit="case"):
-        target = out_dir / f"{case.case_id}{ending}"
-        npz = out_dir / f"{case.case_id}.npz"
-        if not overwrite and _finished(target, case.images) and (not save_probabilities or _finished(npz, case.images)):
-            continue
-        t0 = time.perf_counter()
         try:
-            data, geometry = read_input(case)
-            for p in predictors:  # every configuration's grid, before the first large allocation
-                new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
-                require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
-                               f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
-                               f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
-                               f"model's spacing)", "check the spacing in the image header or use a machine with "
-                               "more memory")
-            passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
-            with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
-                probs = predictors[0].predict_array(data, geometry, bar.update)
-                for p in predictors[1:]:
-                    probs += p.predict_array(data, geometry, bar.update)
-            probs /= len(predictors)
-            seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
-            if postprocessing:
-                seg = apply_postprocessing(seg, postprocessing)
-            if save_probabilities:
-                write_probabilities(npz, probs, geometry)
-            write_image(target, seg, geometry)  # last: its presence marks the case finished
+            predict_case(predictors, case, out_dir, save_probabilities, postprocessing)
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
-            continue
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
     return problems
