@@ -79,8 +79,8 @@ def _kill_a_worker_after_first_output(out: Path, killed: list[str], stop: thread
 def test_cluster_predict_survives_a_killed_worker_and_equals_single_process(tmp_path, no_stray_ray_processes):
     roots = Roots(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
     tiny_model(roots.results)
-    src = _inputs(tmp_path / "in", 6)
-    settings = dict(dataset=DATASET, device="cpu", precision="fp32")  # auto precision is measured per worker
+    src = _inputs(tmp_path / "in", 4)
+    settings = dict(dataset=DATASET, device="cpu", precision="fp32", mirror=False)  # auto is measured per worker
     pipeline.predict(roots, src, tmp_path / "single", **settings)
 
     out, killed, stop = tmp_path / "cluster", [], threading.Event()
@@ -95,7 +95,7 @@ def test_cluster_predict_survives_a_killed_worker_and_equals_single_process(tmp_
             watcher.join()
     assert killed, "no busy worker process was found to kill: the run ended first"
     single, cluster_files = _files(tmp_path / "single"), _files(out)
-    assert sorted(cluster_files) == sorted(single) == [f"case_{i:03d}.nii.gz" for i in range(6)]  # no temporaries
+    assert sorted(cluster_files) == sorted(single) == [f"case_{i:03d}.nii.gz" for i in range(4)]  # no temporaries
     for name in single:
         a, geo_a = read_image(tmp_path / "single" / name)
         b, geo_b = read_image(out / name)
@@ -110,10 +110,12 @@ def test_cluster_rerun_skips_finished_cases(tmp_path, no_stray_ray_processes, ca
     src = _inputs(tmp_path / "in", 2)
     out = tmp_path / "out"
     with open_cluster("local", num_cpus=2):
-        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", cluster="local")
+        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", mirror=False,
+                         cluster="local")
         first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         (out / "case_001.nii.gz").unlink()
-        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", cluster="local")
+        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", mirror=False,
+                         cluster="local")
     again = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert sorted(again) == sorted(first)
     assert again["case_000.nii.gz"] == first["case_000.nii.gz"]  # finished: not redone

@@ -1,0 +1,99 @@
+"""Cases per minute of `autoseg predict` in one process versus on an embedded Ray (`--cluster local`), same folder.
+
+A random-weight 3-stage network of 4-16 features at 12x9x9 mm (one tile per case; the speed does not depend on the
+weights) predicts ``--cases`` small phantom volumes with mirroring in float32 (a fixed precision, so every row computes the same thing and
+the outputs can be compared byte for byte). Rows: one process; Ray with 1 worker (actor) holding every CPU; Ray with
+one worker per CPU. Figures per row: the fixed start-up (Ray itself; for the workers, their start and model load
+inside the mapping), seconds for the cases, cases per minute, and the overhead per case against the one-process run
+(cluster seconds minus one-process seconds, over the cases, with the per-worker start-up included: what a short run
+pays). Writes benchmarks/out/bench_cluster.json.
+
+    python benchmarks/bench_cluster.py [--cases 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
+
+import torch  # noqa: E402
+
+from autoseg import pipeline  # noqa: E402
+from autoseg.checkpoint import save_checkpoint  # noqa: E402
+from autoseg.cluster import open_cluster  # noqa: E402
+from autoseg.io.images import write_image  # noqa: E402
+from autoseg.labels import DEFAULT_LABELS  # noqa: E402
+from autoseg.layout import Roots, fold_dir  # noqa: E402
+from autoseg.network import build_network  # noqa: E402
+from autoseg.phantom import generate_case  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "Dataset903_BenchCluster"
+
+
+def model(results: Path) -> None:
+    plans = json.loads((REPO / "plans" / "demo_phantom.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg.update(spacing=[12.0, 9.0, 9.0], patch_size=[24, 48, 48], batch_size=2)  # one tile per case
+    cfg["network"].update(strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 3, features=[4, 8, 16])
+    plans["configurations"] = {"3d_fullres": cfg}
+    meta = {"channel_names": {"0": "CT"}, "labels": DEFAULT_LABELS, "numTraining": 1, "file_ending": ".nii.gz"}
+    folder = results / NAME / "3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    save_checkpoint(fold_dir(folder, "0"), "final", build_network(cfg, 1, len(DEFAULT_LABELS)))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=8, help="phantom volumes to predict (default 8)")
+    args = ap.parse_args()
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        roots = Roots(tmp / "raw", tmp / "pre", tmp / "results")
+        model(roots.results)
+        for i in range(args.cases):
+            image, _, geo = generate_case(200 + i, "small")
+            write_image(tmp / "in" / f"case_{i:03d}_0000.nii.gz", image, geo)
+        settings = dict(dataset=NAME, device="cpu", precision="fp32")
+        rows = []
+        t0 = time.perf_counter()
+        pipeline.predict(roots, tmp / "in", tmp / "single", **settings)
+        single = time.perf_counter() - t0
+        rows.append({"run": "one process", "workers": 1, "startup_s": "-", "cases_s": round(single, 1),
+                     "cases_per_min": round(args.cases / single * 60, 1), "overhead_per_case_s": 0.0,
+                     "identical": True})
+        for workers in sorted({1, cpus}):
+            out = tmp / f"ray_{workers}"
+            t0 = time.perf_counter()
+            with open_cluster("local", num_cpus=cpus):
+                start = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                pipeline.predict(roots, tmp / "in", out, cluster="local", cluster_workers=workers, **settings)
+                run = time.perf_counter() - t1
+            rows.append({"run": f"Ray local, {workers} worker(s) x {cpus // workers} CPU", "workers": workers,
+                         "startup_s": round(start, 1), "cases_s": round(run, 1),
+                         "cases_per_min": round(args.cases / run * 60, 1),
+                         "overhead_per_case_s": round((run - single) / args.cases, 2),
+                         "identical": files(out) == files(tmp / "single")})
+    report("bench_cluster", rows, ["run", "startup_s", "cases_s", "cases_per_min", "overhead_per_case_s",
+                                   "identical"])
+
+
+if __name__ == "__main__":
+    main()
