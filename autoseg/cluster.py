@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import socket
 from collections import deque
 from types import ModuleType
@@ -111,7 +112,7 @@ class Cluster:
         count = workers or gpus or len(nodes)
         options: dict[str, Any] = {"num_cpus": max(1, min(cpus // count, max(nodes))), "scheduling_strategy": "SPREAD"}
         if gpus:
-            options["num_gpus"] = min(1.0, gpus / count)
+            options["num_gpus"] = min(1.0, math.floor(gpus / count * 1e4) / 1e4)  # Ray takes 4 decimals
         return count, options
 
     def map_with(self, setup: Callable[[], S], fn: Callable[[S, T], R], items: Sequence[T],

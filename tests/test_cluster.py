@@ -20,7 +20,7 @@ from autoseg import pipeline  # noqa: E402
 from autoseg.cli import main  # noqa: E402
 from autoseg.cli.common import cluster_address  # noqa: E402
 from autoseg.cluster import open_cluster  # noqa: E402
-from autoseg.errors import AutosegError  # noqa: E402
+from autoseg.errors import AutosegError, DatasetError  # noqa: E402
 from autoseg.io.images import read_image, write_image  # noqa: E402
 from autoseg.layout import Roots  # noqa: E402
 from autoseg.phantom import generate_case  # noqa: E402
@@ -76,7 +76,8 @@ def _kill_a_worker_after_first_output(out: Path, killed: list[str], stop: thread
         time.sleep(0.05)
 
 
-def test_cluster_predict_survives_a_killed_worker_and_equals_single_process(tmp_path, no_stray_ray_processes):
+def test_cluster_predict_survives_a_killed_worker_and_equals_single_process(tmp_path, no_stray_ray_processes,
+                                                                             capsys):
     roots = Roots(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
     tiny_model(roots.results)
     src = _inputs(tmp_path / "in", 4)
@@ -93,33 +94,29 @@ def test_cluster_predict_survives_a_killed_worker_and_equals_single_process(tmp_
         finally:
             stop.set()
             watcher.join()
-    assert killed, "no busy worker process was found to kill: the run ended first"
-    single, cluster_files = _files(tmp_path / "single"), _files(out)
-    assert sorted(cluster_files) == sorted(single) == [f"case_{i:03d}.nii.gz" for i in range(4)]  # no temporaries
-    for name in single:
-        a, geo_a = read_image(tmp_path / "single" / name)
-        b, geo_b = read_image(out / name)
-        assert geo_a == geo_b and np.array_equal(a, b), name
-        assert len(np.unique(a)) > 1, name  # the tiny network labels something: the comparison means something
-    assert cluster_files == single  # byte for byte
+        assert killed, "no busy worker process was found to kill: the run ended first"
+        single, cluster_files = _files(tmp_path / "single"), _files(out)
+        assert sorted(cluster_files) == sorted(single) == [f"case_{i:03d}.nii.gz" for i in range(4)]  # no temporaries
+        for name in single:
+            a, geo_a = read_image(tmp_path / "single" / name)
+            b, geo_b = read_image(out / name)
+            assert geo_a == geo_b and np.array_equal(a, b), name
+            assert len(np.unique(a)) > 1, name  # the tiny network labels something: the comparison means something
+        assert cluster_files == single  # byte for byte
 
-
-def test_cluster_rerun_skips_finished_cases(tmp_path, no_stray_ray_processes, capsys):
-    roots = Roots(tmp_path / "raw", tmp_path / "pre", tmp_path / "results")
-    tiny_model(roots.results)
-    src = _inputs(tmp_path / "in", 2)
-    out = tmp_path / "out"
-    with open_cluster("local", num_cpus=2):
-        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", mirror=False,
-                         cluster="local")
+        # a rerun predicts only what is missing, leaves the finished outputs as they are and reports a bad case by
+        # name without stopping the others
         first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         (out / "case_001.nii.gz").unlink()
-        pipeline.predict(roots, src, out, dataset=DATASET, device="cpu", precision="fp32", mirror=False,
-                         cluster="local")
-    again = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(again) == sorted(first)
-    assert again["case_000.nii.gz"] == first["case_000.nii.gz"]  # finished: not redone
-    assert "predicting 1 case(s)" in capsys.readouterr().out
+        (src / "case_bad_0000.nii.gz").write_bytes(b"not an image")
+        capsys.readouterr()
+        with pytest.raises(DatasetError, match="case case_bad: ") as e:
+            pipeline.predict(roots, src, out, cluster="local", **settings)
+        assert len(e.value.problems) == 1
+        assert "predicting 2 case(s)" in capsys.readouterr().out
+        again = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert sorted(again) == sorted(first) and _files(out) == single
+        assert all(again[n] == first[n] for n in first if n != "case_001.nii.gz")
 
 
 def test_cluster_plan_and_preprocess_equals_plain_run(small_dataset, roots, tmp_path, no_stray_ray_processes):
