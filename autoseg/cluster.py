@@ -170,9 +170,10 @@ class Cluster:
         try:
             return self._ray.get(ref)
         except self._lost() as e:
-            return None, (f"{describe(item)}: the worker process running it died {RETRIES + 1} times ({type(e).__name__}: "
-                          "killed by the system, most likely out of memory, or its node was lost); give each worker "
-                          "more memory (fewer workers per node) and rerun: finished outputs are kept")
+            return None, (f"{describe(item)}: the worker process running it died {RETRIES + 1} times "
+                          f"({type(e).__name__}: killed by the system, most likely out of memory, or its node was "
+                          "lost); give each worker more memory (fewer workers per node) and rerun: finished outputs "
+                          "are kept")
 
 
 def _check_reachable(address: str) -> None:
