@@ -98,6 +98,8 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
     address) verification, fingerprint and preprocessing run a Ray task per case there; ``local`` gives the
     embedded Ray ``num_workers`` CPUs. The files written are the same."""
     with _cluster(cluster, num_workers) as pool:
+        if pool is not None:  # workers may start in another folder
+            roots = Roots(roots.raw.resolve(), roots.preprocessed.resolve(), roots.results.resolve())
         return _plan_and_preprocess(roots, dataset, configurations, num_workers, verify, gpu_memory_gb, device, pool)
 
 

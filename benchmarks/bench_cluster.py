@@ -61,12 +61,40 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def dispatch(n: int) -> None:
+    """Seconds per item of Ray itself: no-op items as tasks (:meth:`Cluster.map`) and through 2 actors
+    (:meth:`Cluster.map_with`, which starts its actors at every call): (time for ``n`` - time for 2) / (n - 2), so the
+    start-up cancels out; also the fixed cost of a call (2 items)."""
+    rows = []
+    with open_cluster("local", num_cpus=os.cpu_count() or 1) as cluster:
+        for name, run in (("tasks (plan_and_preprocess)", lambda k: cluster.map(abs, range(k), progress=False)),
+                          ("2 actors (predict)", lambda k: cluster.map_with(dict, dict.get, range(k), 2,
+                                                                          progress=False))):
+            run(2)  # warm-up: Ray's first worker processes
+            t0 = time.perf_counter()
+            run(2)
+            fixed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run(n)
+            per_item = (time.perf_counter() - t0 - fixed) / (n - 2)
+            rows.append({"mapping": name, "items": n, "call_with_2_items_s": round(fixed, 2),
+                         "s_per_item": round(per_item, 4)})
+    report("bench_cluster_dispatch", rows, ["mapping", "items", "call_with_2_items_s", "s_per_item"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=8, help="phantom volumes to predict (default 8)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved rounds; each row keeps its fastest (load on a shared machine only adds time)")
+    ap.add_argument("--dispatch", type=int, default=50,
+                    help="no-op items for the engine's own cost per item (0: skip)")
+    ap.add_argument("--dispatch-only", action="store_true", help="measure only the cost per item")
     args = ap.parse_args()
+    if args.dispatch:
+        dispatch(args.dispatch)
+    if args.dispatch_only:
+        return
     cpus = os.cpu_count() or 1
     runs = [None] + sorted({1, cpus})  # None: one process; else Ray workers
     best: dict[int | None, dict] = {}
