@@ -4,24 +4,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import json_safe, write_csv, write_json
+from .atomic import json_safe, remove_stale_temporaries, write_csv, write_json
 from .bundle import open_bundle
+from .cluster import Cluster, open_cluster
 from .errors import AutosegError, DatasetError
 from .evaluation.evaluate import evaluate_folders
 from .evaluation.report import report_folder
 from .inference.ensemble import ensemble_folders
+from .inference.identity import model_identity
 from .inference.postprocess import apply_postprocessing
-from .inference.predictor import Predictor, predict_folder
+from .inference.predictor import Predictor, pending_cases, predict_case, predict_folder
 from .inference.selection import find_best_configuration
 from .io.dataset import Case, case_signature, images_in_folder, load_dataset_json, resolve_labels
 from .io.images import read_image, write_image
-from .io.inputs import IMAGE_ENDINGS
+from .io.inputs import IMAGE_ENDINGS, InputCase
 from .io.outputs import require_source_for
 from .io.verify import check_dataset
 from .jsonfile import read_json
@@ -83,14 +87,30 @@ class Planned:
     configurations: list[str]
 
 
+def _cluster(address: str | None, num_cpus: int | None = None) -> contextlib.AbstractContextManager[Cluster | None]:
+    """The Ray cluster at ``address`` for the block (see :func:`autoseg.cluster.open_cluster`), or None without one."""
+    return open_cluster(address, num_cpus) if address else contextlib.nullcontext()
+
+
 def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str], num_workers: int,
-                        verify: bool = False, gpu_memory_gb: float = 8.0, device: str = "auto") -> Planned:
+                        verify: bool = False, gpu_memory_gb: float = 8.0, device: str = "auto",
+                        cluster: str | None = None) -> Planned:
     """Fingerprint the raw dataset (reused when computed from the same cases), plan, and preprocess the training
-    cases of every planned configuration in ``configurations``."""
+    cases of every planned configuration in ``configurations``. With ``cluster`` (``local``, ``auto`` or a Ray
+    address) verification, fingerprint and preprocessing run a Ray task per case there; ``local`` gives the
+    embedded Ray ``num_workers`` CPUs. The files written are the same."""
+    with _cluster(cluster, num_workers) as pool:
+        if pool is not None:  # workers may start in another folder
+            roots = Roots(roots.raw.resolve(), roots.preprocessed.resolve(), roots.results.resolve())
+        return _plan_and_preprocess(roots, dataset, configurations, num_workers, verify, gpu_memory_gb, device, pool)
+
+
+def _plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str], num_workers: int, verify: bool,
+                         gpu_memory_gb: float, device: str, pool: Cluster | None) -> Planned:
     name = dataset_name(dataset, roots.raw)
     raw, out = roots.raw / name, roots.preprocessed / name
     warnings: list[str] = []
-    meta = check_dataset(raw, warnings, num_workers=num_workers) if verify else load_dataset_json(raw)
+    meta = check_dataset(raw, warnings, num_workers, pool) if verify else load_dataset_json(raw)
     for w in warnings:  # allowed oddities found by --verify (e.g. an all-background label map)
         print(f"warning: {w}", file=sys.stderr)
     cases, problems = images_in_folder(raw / IMAGES_TR, meta["file_ending"], len(meta["channel_names"]),
@@ -101,7 +121,7 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
     fingerprint = _reusable_fingerprint(fp_path, cases)
     if fingerprint is None:  # absent, from other cases or files, or not a fingerprint: recompute
         signatures = {c.case_id: case_signature(c) for c in cases}  # before reading: an edit during the run shows
-        fingerprint = compute_fingerprint(name, meta, cases, num_workers)
+        fingerprint = compute_fingerprint(name, meta, cases, num_workers, cluster=pool)
         write_json(fp_path, fingerprint)
         write_json(fp_path.with_name(SOURCES_JSON), signatures)  # last: without it the fingerprint is recomputed
     else:
@@ -116,7 +136,7 @@ def plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[str
             wanted.append(previous)
     for c in sorted(set(configurations) - set(wanted)):
         print(f"{c}: not planned for this dataset (see notes in {out / PLANS_JSON})")
-    preprocess_dataset(cases, plans, wanted, out, num_workers)
+    preprocess_dataset(cases, plans, wanted, out, num_workers, cluster=pool)
     return Planned(out, plans, wanted)
 
 
@@ -189,16 +209,75 @@ def review_thresholds(dataset_dir: Path, predictors: Sequence[Predictor]) -> dic
     return ip["review"]
 
 
+def _worker_predictors(model: str | None, dataset_dir: str, configuration: str | None, folds: list[str] | None,
+                       device: str, mirror: bool, step: float, fast: bool,
+                       precision: str) -> tuple[list[Predictor], dict[str, Any] | None]:
+    """A cluster worker's setup: :func:`load_predictors`, once per worker. A bundle is opened by the worker itself
+    (the driver's extracted copy may be on another machine) and its copy removed once the weights are loaded."""
+    extracted = None
+    if model:
+        folder = open_bundle(Path(model))
+        dataset_dir, extracted = str(folder), folder.parent
+    try:
+        return load_predictors(Path(dataset_dir), configuration, folds, device, mirror, step, fast, precision)
+    finally:
+        if extracted is not None:
+            shutil.rmtree(extracted, ignore_errors=True)
+
+
+def _worker_predict(state: tuple[list[Predictor], dict[str, Any] | None], case: InputCase, output_dir: str,
+                    model_id: str, save_probabilities: bool, postprocess: bool, output_format: str,
+                    uncertainty: bool, review: dict[str, Any] | None) -> str:
+    """One case on a cluster worker, with the predictors its setup loaded; errors name the case as
+    :func:`predict_folder` does."""
+    predictors, postprocessing = state
+    try:
+        predict_case(predictors, case, Path(output_dir), model_id, save_probabilities,
+                     postprocessing if postprocess else None, output_format, uncertainty, review)
+    except AutosegError as e:
+        raise AutosegError(f"case {case.case_id}: {e}") from None
+    return case.case_id
+
+
+def _predict_on_cluster(pool: Cluster, dataset_dir: Path, model: Path | None, input_dir: Path, output_dir: Path,
+                        configuration: str | None, folds: list[str] | None, device: str, mirror: bool, step: float,
+                        fast: bool, save_probabilities: bool, overwrite: bool, postprocess: bool, precision: str,
+                        workers: int | None, output_format: str, uncertainty: bool) -> list[str]:
+    """:func:`predict_folder` with the cases spread over the cluster's workers (each loads the predictors once):
+    the same files, skipped when finished, each written atomically by its worker. The driver loads the weights
+    too, in float32 without probing, only for the model identity that finished cases are recorded with."""
+    predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, "cpu", mirror, step, fast, "fp32")
+    model_id = model_identity(predictors, postprocessing if postprocess else None)
+    review = review_thresholds(dataset_dir, predictors) if uncertainty else None
+    meta = predictors[0].meta
+    del predictors
+    output_dir = output_dir.resolve()  # workers may start in another folder
+    cases, problems = pending_cases(meta, input_dir.resolve(), output_dir, model_id, output_format,
+                                    save_probabilities, uncertainty, overwrite)
+    setup = functools.partial(_worker_predictors, str(model.resolve()) if model else None, str(dataset_dir.resolve()),
+                              configuration, folds, device, mirror, step, fast, precision)
+    job = functools.partial(_worker_predict, output_dir=str(output_dir), model_id=model_id,
+                            save_probabilities=save_probabilities, postprocess=postprocess,
+                            output_format=output_format, uncertainty=uncertainty, review=review)
+    print(f"predicting {len(cases)} case(s) on Ray cluster {pool.where}")
+    outcomes = pool.map_with(setup, job, cases, workers, desc="predict")
+    remove_stale_temporaries(output_dir)  # a worker killed while writing leaves its temporary; its case was redone
+    return problems + [error for _, error in outcomes if error]
+
+
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True, precision: str = "auto",
-            output_format: str = "nifti", uncertainty: bool = False) -> None:
+            output_format: str = "nifti", uncertainty: bool = False, cluster: str | None = None,
+            cluster_workers: int | None = None) -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
     trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`;
     ``output_format`` ``nifti`` or ``dicom-seg`` (checked against the input before a model is loaded);
     ``uncertainty`` adds the maps, lesion confidences and the review flag
-    (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad cases are raised together at the end."""
+    (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad cases are raised together at the end. With
+    ``cluster`` (``local``, ``auto`` or a Ray address) the cases run on ``cluster_workers`` Ray actors (default: one
+    per GPU, else one per node), each loading the model once."""
     require_source_for(output_format, Path(input_dir))
     bundle_dir = None
     if model:
@@ -209,11 +288,19 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
     else:
         raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
     try:
-        predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step, fast,
-                                                     precision)
-        review = review_thresholds(dataset_dir, predictors) if uncertainty else None
-        problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
-                                  postprocessing if postprocess else None, output_format, uncertainty, review)
+        with _cluster(cluster) as pool:
+            if pool is not None:
+                problems = _predict_on_cluster(pool, dataset_dir, model, Path(input_dir), Path(output_dir),
+                                               configuration, folds, device, mirror, step, fast, save_probabilities,
+                                               overwrite, postprocess, precision, cluster_workers, output_format,
+                                               uncertainty)
+            else:
+                predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step,
+                                                             fast, precision)
+                review = review_thresholds(dataset_dir, predictors) if uncertainty else None
+                problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities,
+                                          overwrite, postprocessing if postprocess else None, output_format,
+                                          uncertainty, review)
     finally:
         if bundle_dir is not None:
             shutil.rmtree(bundle_dir, ignore_errors=True)

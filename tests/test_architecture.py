@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "autoseg"
 
 # Stage of every module, by its dotted name under ``autoseg`` (a subpackage's modules share its stage). A module may
 # import its own stage or an earlier one, never a later one.
-#   0 shared owners: errors, atomic writes, worker pools, JSON schemas, label meaning, the folder layout, masks, the
+#   0 shared owners: errors, atomic writes, worker pools (processes, Ray), JSON schemas, label meaning, the folder layout, masks, the
 #     network, its numeric precision and its checkpoints; each is used by several stages and knows none of them.
 #   1 io: images and raw datasets.
 #   2 phantom: writes raw datasets only, so it sits just above io (the tests and benchmarks use it on their own).
@@ -27,8 +27,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "autoseg"
 #   9 demo and api: run the pipeline functions end to end (the api for one image from Python).
 #  10 cli: every parser and the only reader of sys.argv and the environment; 11 ``python -m autoseg``.
 STAGES = {
-    "": 0, "errors": 0, "atomic": 0, "parallel": 0, "schemas": 0, "labels": 0, "layout": 0, "masks": 0,
-    "network": 0, "precision": 0, "checkpoint": 0, "jsonfile": 0, "memory": 0, "version": 0,
+    "": 0, "errors": 0, "atomic": 0, "parallel": 0, "cluster": 0, "schemas": 0, "labels": 0, "layout": 0,
+    "masks": 0, "network": 0, "precision": 0, "checkpoint": 0, "jsonfile": 0, "memory": 0, "version": 0,
     "io": 1,
     "phantom": 2,
     "planning": 3,

@@ -8,9 +8,46 @@ import os
 import re
 from typing import Any, Callable
 
+from ..errors import AutosegError
 from ..layout import Roots
 
 CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade"]
+
+
+CLUSTER_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
+
+
+def cluster_flag(text: str) -> str:
+    """argparse type of ``--cluster``: ``auto``, ``local`` or a Ray address (``HOST:PORT``, ``ray://HOST:PORT``)."""
+    if text in ("auto", "local") or CLUSTER_ADDRESS.match(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not auto, local or a Ray address HOST:PORT; give e.g. local or "
+                                     "10.0.0.5:6379 (the address `ray start --head` prints)")
+
+
+def cluster_address(flag: str | None) -> str | None:
+    """What ``--cluster`` means for this run: None (no flag: no Ray), ``local``, an address, or for ``auto`` the
+    address in ``RAY_ADDRESS`` when it is set, else ``auto`` (join the Ray head started on this machine, if any, else
+    run without Ray; see :func:`autoseg.cluster.open_cluster`)."""
+    if flag != "auto":
+        return flag
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if not env:
+        return "auto"
+    if env != "auto" and not CLUSTER_ADDRESS.match(env):
+        raise AutosegError(f"RAY_ADDRESS={env!r} (read by --cluster auto) is not a Ray address HOST:PORT or "
+                           "ray://HOST:PORT; fix or unset it, or pass --cluster ADDRESS")
+    print(f"--cluster auto: joining RAY_ADDRESS={env}")
+    return env
+
+
+def add_cluster_flag(p: argparse.ArgumentParser) -> None:
+    """``--cluster``, shared by ``plan_and_preprocess`` and ``predict``."""
+    p.add_argument("--cluster", type=cluster_flag, default=None, metavar="auto|local|ADDRESS",
+                   help="run the cases as Ray tasks (needs autoseg[cluster]): local starts a Ray on this machine for "
+                   "the run; ADDRESS (HOST:6379) joins a running cluster; auto joins RAY_ADDRESS when set, else a "
+                   "Ray head started on this machine (`ray start --head`), else runs without Ray. Without the flag "
+                   "no Ray is used. Same files as without it")
 
 
 def env_roots() -> Roots:

@@ -17,13 +17,14 @@ from ..planning.planner import plan
 from ..precision import PRECISIONS
 from ..training.trainer import TrainOptions
 from .common import (
-    CONFIGURATIONS, add_device_flags, bounded_int, env_roots, fold_name, learning_rate, positive_float, step_fraction,
+    CONFIGURATIONS, add_cluster_flag, add_device_flags, bounded_int, cluster_address, env_roots, fold_name,
+    learning_rate, positive_float, step_fraction,
 )
 
 
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
     planned = pipeline.plan_and_preprocess(env_roots(), args.dataset, args.configurations, args.num_workers,
-                                           args.verify, args.gpu_memory_gb, args.device)
+                                           args.verify, args.gpu_memory_gb, args.device, cluster_address(args.cluster))
     print(f"\nplans: {planned.folder / PLANS_JSON}")
     print(f"{'configuration':<13} {'spacing (z,y,x) mm':<26} {'patch':<16} {'batch':>5} {'stages':>6} {'est. GB':>7}")
     for c in planned.configurations:
@@ -60,7 +61,8 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
-                     args.overwrite, not args.no_postprocessing, args.precision, args.output_format, args.uncertainty)
+                     args.overwrite, not args.no_postprocessing, args.precision, args.output_format, args.uncertainty,
+                     cluster_address(args.cluster), args.cluster_workers)
     print(f"predictions in {args.output}")
     return 0
 
@@ -109,6 +111,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every file first (geometry, labels, NaN, dimensionality) and report all problems")
     add_device_flags(p)
+    add_cluster_flag(p)
     p.set_defaults(func=_plan_and_preprocess)
 
     p = sub.add_parser("plan", help="plans from a fingerprint file (the planner alone, no data needed)",
@@ -198,6 +201,11 @@ def add_cli(sub: Any) -> None:
                    help="numeric mode of the network: auto (default) times a forward pass in float32 and, where the "
                    "hardware runs it natively, bfloat16 (fp16 on CUDA without bf16), with and without channels-last, "
                    "and uses the fastest numerically sound one; fp32/bf16/fp16 force it")
+    add_cluster_flag(p)
+    p.add_argument("--cluster-workers", type=bounded_int(1, 4096, "2"), default=None, metavar="N",
+                   help="with --cluster: Ray workers (actors), each loading the model once and predicting one case at "
+                   "a time (default: one per GPU of the cluster, else one per node; each reserves an equal share of "
+                   "the CPUs)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",

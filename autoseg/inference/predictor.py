@@ -36,7 +36,7 @@ from ..checkpoint import load_weights, pick_device
 from ..errors import AutosegError
 from ..io.dataset import load_dataset_json
 from ..io.images import Geometry, write_image, write_probabilities
-from ..io.inputs import find_inputs, read_input
+from ..io.inputs import InputCase, find_inputs, read_input
 from ..io.outputs import finished, label_output, record_model, require_sources, write_labels
 from ..jsonfile import read_json
 from ..labels import LabelSpec, labels_from_probabilities
@@ -426,6 +426,88 @@ def write_uncertainty(folder: Path, case_id: str, ending: str, probs: np.ndarray
     return summary
 
 
+def case_outputs(out_dir: Path, case_id: str, ending: str, output_format: str = "nifti",
+                 save_probabilities: bool = False, uncertainty: bool = False) -> list[Path]:
+    """The files one case's prediction writes and a rerun checks, the label map first."""
+    return ([label_output(out_dir, case_id, output_format, ending)]
+            + ([out_dir / f"{case_id}.npz"] if save_probabilities else [])
+            + ([out_dir / UNCERTAINTY / uncertainty_files(case_id, ending)["entropy"]] if uncertainty else []))
+
+
+def pending_cases(meta: dict, in_dir: Path, out_dir: Path, model: str, output_format: str = "nifti",
+                  save_probabilities: bool = False, uncertainty: bool = False,
+                  overwrite: bool = False) -> tuple[list[InputCase], list[str]]:
+    """The cases of ``in_dir`` (see :func:`~autoseg.io.inputs.find_inputs`) still to predict into ``out_dir`` and
+    the problems met finding them. Finished cases (complete outputs newer than their inputs, recorded as made by
+    ``model``: :func:`~autoseg.inference.identity.model_identity`) are left out unless ``overwrite``. Creates
+    ``out_dir`` and deletes the temporaries a killed run left there, so call it once per run, before any worker
+    writes."""
+    ending = meta["file_ending"]
+    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
+    require_sources(output_format, cases, in_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    todo = [c for c in cases if overwrite or not finished(
+        out_dir, c.case_id, case_outputs(out_dir, c.case_id, ending, output_format, save_probabilities, uncertainty),
+        c.images, model)]
+    return todo, problems
+
+
+def predict_case(
+    predictors: Sequence[Predictor],
+    case: InputCase,
+    out_dir: Path,
+    model: str,
+    save_probabilities: bool = False,
+    postprocessing: dict | None = None,
+    output_format: str = "nifti",
+    uncertainty: bool = False,
+    review: dict | None = None,
+) -> None:
+    """Predict one case into ``out_dir``; probabilities of several predictors are averaged. Raises
+    ``AutosegError`` for a bad case (unreadable, too large for memory, a full disk). Each output is written
+    atomically and read back before it counts; the record that ``model`` made them comes last and marks the case
+    finished. ``uncertainty`` adds the case's maps and review flag (:func:`write_uncertainty`)."""
+    meta = predictors[0].meta
+    ending = meta["file_ending"]
+    written = case_outputs(out_dir, case.case_id, ending, output_format, save_probabilities, uncertainty)
+    algorithm = {"configurations": "+".join(p.configuration for p in predictors), "model": model[:16]}
+    outputs = predictors[0].models[0].num_outputs
+    t0 = time.perf_counter()
+    data, geometry = read_input(case)
+    for p in predictors:  # every configuration's grid, before the first large allocation
+        new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
+        require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
+                       f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
+                       f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
+                       f"model's spacing)", "check the spacing in the image header or use a machine with "
+                       "more memory")
+    passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
+    with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
+        probs, mi = predictors[0].predict_array_members(data, geometry, bar.update, uncertainty)
+        for p in predictors[1:]:
+            more, more_mi = p.predict_array_members(data, geometry, bar.update, uncertainty)
+            probs += more
+            mi = more_mi if mi is None else mi if more_mi is None else mi + more_mi
+    probs /= len(predictors)
+    if mi is not None:  # across configurations: their mean (members within each are exact)
+        mi /= sum(p.members > 1 for p in predictors)
+    seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
+    if postprocessing:
+        seg = apply_postprocessing(seg, postprocessing)
+    if save_probabilities:
+        write_probabilities(written[1], probs, geometry)
+    if uncertainty:
+        summary = write_uncertainty(out_dir / UNCERTAINTY, case.case_id, ending, probs, seg, geometry,
+                                    predictors, mi, review)
+        if summary["flag_for_review"]:
+            tqdm.write(f"{case.case_id}: flagged for review: {'; '.join(summary['reasons'])}")
+    write_labels(written[0], seg, geometry, case, output_format, meta, algorithm)
+    record_model(out_dir, case.case_id, model, written)  # last: it marks the case finished
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
+
+
 def predict_folder(
     predictors: Sequence[Predictor],
     in_dir: Path,
@@ -448,57 +530,13 @@ def predict_folder(
     unless ``overwrite``; bad cases, including one too large for memory or a full disk, are reported (returned) by
     name and do not stop the others. Each output is written atomically and read back before it counts.
     """
-    meta = predictors[0].meta
-    ending = meta["file_ending"]
-    cases, problems = find_inputs(in_dir, ending, len(meta["channel_names"]))
-    require_sources(output_format, cases, in_dir)
     model = model_identity(predictors, postprocessing)
-    algorithm = {"configurations": "+".join(p.configuration for p in predictors), "model": model[:16]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
-    outputs = predictors[0].models[0].num_outputs
+    cases, problems = pending_cases(predictors[0].meta, in_dir, out_dir, model, output_format, save_probabilities,
+                                    uncertainty, overwrite)
     for case in tqdm(cases, desc="predict", unit="case"):
-        target = label_output(out_dir, case.case_id, output_format, ending)
-        npz = out_dir / f"{case.case_id}.npz"
-        maps = out_dir / UNCERTAINTY / uncertainty_files(case.case_id, ending)["entropy"]
-        written = [target] + ([npz] if save_probabilities else []) + ([maps] if uncertainty else [])
-        if not overwrite and finished(out_dir, case.case_id, written, case.images, model):
-            continue
-        t0 = time.perf_counter()
         try:
-            data, geometry = read_input(case)
-            for p in predictors:  # every configuration's grid, before the first large allocation
-                new_shape = target_shape(data.shape[1:], geometry.spacing_zyx, p.config["spacing"])
-                require_memory(case_memory_bytes(data.shape[1:], new_shape, data.shape[0], outputs),
-                               f"predicting {case.images[0]} ({tuple(data.shape[1:])} voxels of spacing "
-                               f"{tuple(round(v, 3) for v in geometry.spacing_zyx)} mm, {tuple(new_shape)} at the "
-                               f"model's spacing)", "check the spacing in the image header or use a machine with "
-                               "more memory")
-            passes = sum(len(p.models) + (len(p.stage1.models) if p.stage1 else 0) for p in predictors)
-            with TileProgress(case.case_id, passes) as bar:  # a cascade adds a pass per further ROI box
-                probs, mi = predictors[0].predict_array_members(data, geometry, bar.update, uncertainty)
-                for p in predictors[1:]:
-                    more, more_mi = p.predict_array_members(data, geometry, bar.update, uncertainty)
-                    probs += more
-                    mi = more_mi if mi is None else mi if more_mi is None else mi + more_mi
-            probs /= len(predictors)
-            if mi is not None:  # across configurations: their mean (members within each are exact)
-                mi /= sum(p.members > 1 for p in predictors)
-            seg = labels_from_probabilities(probs, predictors[0].regions_class_order)
-            if postprocessing:
-                seg = apply_postprocessing(seg, postprocessing)
-            if save_probabilities:
-                write_probabilities(npz, probs, geometry)
-            if uncertainty:
-                summary = write_uncertainty(out_dir / UNCERTAINTY, case.case_id, ending, probs, seg, geometry,
-                                            predictors, mi, review)
-                if summary["flag_for_review"]:
-                    tqdm.write(f"{case.case_id}: flagged for review: {'; '.join(summary['reasons'])}")
-            write_labels(target, seg, geometry, case, output_format, meta, algorithm)
-            record_model(out_dir, case.case_id, model, written)  # last: it marks the case finished
+            predict_case(predictors, case, out_dir, model, save_probabilities, postprocessing, output_format,
+                         uncertainty, review)
         except AutosegError as e:
             problems.append(f"case {case.case_id}: {e}")
-            continue
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        tqdm.write(f"{case.case_id}: {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GB")
     return problems

@@ -17,19 +17,19 @@ import SimpleITK as sitk
 from ..atomic import TMP_MARK
 from ..errors import AutosegError, DatasetError
 from ..labels import LabelSpec
-from ..parallel import map_cases
+from ..parallel import CaseMapper, map_cases
 from .dataset import load_dataset_json
 from .images import Geometry, read_header, read_image_scanned
 from .nifti import nonfinite_counts
 
 
 def check_dataset(
-    folder: str | Path, warnings: list[str] | None = None, num_workers: int = 1
+    folder: str | Path, warnings: list[str] | None = None, num_workers: int = 1, cluster: CaseMapper | None = None
 ) -> dict[str, Any]:
     """Load ``dataset.json`` and verify the whole dataset; raise :class:`DatasetError` with every problem, else
     return the metadata. Warnings (allowed oddities) are appended to ``warnings`` when given."""
     meta = load_dataset_json(folder)
-    problems = verify_dataset(folder, meta, warnings=warnings, num_workers=num_workers)
+    problems = verify_dataset(folder, meta, warnings=warnings, num_workers=num_workers, cluster=cluster)
     if problems:
         raise DatasetError(problems)
     return meta
@@ -40,12 +40,14 @@ def verify_dataset(
     meta: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
     num_workers: int = 1,
+    cluster: CaseMapper | None = None,
 ) -> list[str]:
     """All problems of the raw training set in ``folder`` (nnU-Net v2 layout); an empty list means it is usable.
 
     ``meta`` is ``dataset.json`` as returned by :func:`load_dataset_json` (read from ``folder`` when None; if that
     fails its problems are returned). Allowed oddities (an all-background label map) go to ``warnings`` when a list
-    is given. Cases are checked one at a time (headers first, then voxels), in ``num_workers`` processes when > 1;
+    is given. Cases are checked one at a time (headers first, then voxels), in ``num_workers`` processes when > 1
+    (on ``cluster`` when given);
     the output order is deterministic: dataset-level problems first, then per case in sorted case order.
     """
     folder = Path(folder)
@@ -145,7 +147,7 @@ def verify_dataset(
         for case_id, channels in sorted(found.items())
     ]
     outcomes = map_cases(_verify_case, tasks, num_workers, desc="verify", progress=False,
-                         initializer=_worker_init)
+                         initializer=_worker_init, cluster=cluster)
     for result, error in outcomes:
         if error is not None:
             problems.append(error)

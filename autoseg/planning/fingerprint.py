@@ -17,7 +17,7 @@ from ..version import __version__
 from ..io.dataset import Case, read_case
 from ..labels import LabelSpec
 from ..errors import AutosegError, DatasetError
-from ..parallel import map_cases
+from ..parallel import CaseMapper, map_cases
 from ..schemas import validate
 
 SCHEMA_VERSION = 1
@@ -123,16 +123,18 @@ def summarize(
 
 
 def compute_fingerprint(
-    dataset_name: str, meta: dict[str, Any], cases: list[Case], num_workers: int = 1, progress: bool = True
+    dataset_name: str, meta: dict[str, Any], cases: list[Case], num_workers: int = 1, progress: bool = True,
+    cluster: CaseMapper | None = None,
 ) -> dict[str, Any]:
-    """Read every training case (in parallel when ``num_workers > 1``) and build the fingerprint.
+    """Read every training case (in parallel when ``num_workers > 1``, on ``cluster`` when given) and build the
+    fingerprint.
 
     Every unreadable case is reported together; a fingerprint of part of a dataset is never written.
     """
     if not cases:
         raise AutosegError(f"dataset {dataset_name}: no training cases found in imagesTr; add the training images as "
                            f"CASE_XXXX{meta['file_ending']} (or check AUTOSEG_RAW)")
-    results = map_cases(_case_worker, cases, num_workers, desc="fingerprint", progress=progress)
+    results = map_cases(_case_worker, cases, num_workers, desc="fingerprint", progress=progress, cluster=cluster)
     errors = [err for _, err in results if err]
     declared = set(LabelSpec.from_labels(meta["labels"]).values)  # without --verify, the only check before undeclared values reach training
     for case, (res, _) in zip(cases, results):

@@ -27,7 +27,7 @@ from ..masks import connected_components
 from ..memory import require_memory
 from ..errors import AutosegError, DatasetError
 from ..planning.fingerprint import nonzero_bbox
-from ..parallel import map_cases
+from ..parallel import CaseMapper, map_cases
 from .resample import case_memory_bytes, resample_array, resample_labels
 
 FG_SAMPLES = 10_000
@@ -214,8 +214,10 @@ def preprocess_dataset(
     out_root: Path,
     num_workers: int = 1,
     progress: bool = True,
+    cluster: CaseMapper | None = None,
 ) -> dict[str, int]:
-    """Preprocess every case for each data identifier the configurations need; finished cases are skipped.
+    """Preprocess every case for each data identifier the configurations need (in ``num_workers`` processes, or
+    on ``cluster`` when given); finished cases are skipped.
 
     Returns, per data identifier, how many cases were processed now. Bad cases do not stop the others; they are
     all reported together at the end (``DatasetError``).
@@ -234,7 +236,8 @@ def preprocess_dataset(
         digest = config_hash(source, plans["normalization"])
         todo = [c for c in cases if not case_done(folder, c, digest)]
         jobs = [(c, source, plans["normalization"], str(folder), digest) for c in todo]
-        results = map_cases(_case_job, jobs, num_workers, desc=f"preprocess {ident}", progress=progress)
+        results = map_cases(_case_job, jobs, num_workers, desc=f"preprocess {ident}", progress=progress,
+                            cluster=cluster)
         errors += [err for _, err in results if err]
         done[ident] = sum(1 for r, _ in results if r)
     if errors:
