@@ -164,11 +164,11 @@ def network_plan(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], bool]
         if kw.get(key) not in allowed:
             raise _refuse(where, f"arch_kwargs {key} is {kw.get(key)!r}, autoseg's U-Net has only {sorted(allowed)[0]}")
     norm_kw = kw.get("norm_op_kwargs") or {}
-    if norm_kw.get("affine", False) is not True or float(norm_kw.get("eps", 1e-5)) != 1e-5 or \
+    if norm_kw.get("affine", False) is not True or norm_kw.get("eps", 1e-5) != 1e-5 or \
             norm_kw.get("track_running_stats", False) or set(norm_kw) - {"eps", "affine", "momentum"}:
         raise _refuse(where, f"norm_op_kwargs {norm_kw} are not affine instance norm with eps 1e-5")
     nonlin_kw = kw.get("nonlin_kwargs") or {}
-    if float(nonlin_kw.get("negative_slope", 0.01)) != 0.01 or set(nonlin_kw) - {"inplace", "negative_slope"}:
+    if nonlin_kw.get("negative_slope", 0.01) != 0.01 or set(nonlin_kw) - {"inplace", "negative_slope"}:
         raise _refuse(where, f"nonlin_kwargs {nonlin_kw}: autoseg's LeakyReLU has negative slope 0.01")
     if kw.get("dropout_op") is not None:
         raise _refuse(where, f"dropout_op {kw['dropout_op']!r} (autoseg's U-Net has no dropout)")
@@ -312,6 +312,9 @@ def convert_plans(nn_plans: dict[str, Any], meta: dict[str, Any], configuration:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """An nnU-Net checkpoint read with ``weights_only=True`` and numpy's scalar and dtype allow-listed for this one
     call; any other global in the pickle is refused by name before anything is unpickled."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise AutosegError(f"{path}: reading nnU-Net checkpoints safely needs torch >= 2.5 (this is {torch.__version__}); "
+                           "upgrade torch")
     try:
         named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as e:  # not a zip, truncated, not a torch file
