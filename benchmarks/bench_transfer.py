@@ -73,6 +73,8 @@ def evaluate(work: Path, tag: str, env: dict, log: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     row = {f"{s}_dice": round(summary["structures"].get(s, {}).get("dice_mean") or 0.0, 3) for s in STRUCTURES}
     row["mean_dice"] = round(sum(row[f"{s}_dice"] for s in STRUCTURES) / len(STRUCTURES), 3)
+    # a test case without a tumour scores 1 for an empty prediction: the organs say more in short runs
+    row["organ_mean_dice"] = round((row["liver_dice"] + row["kidney_dice"]) / 2, 3)
     return row
 
 
@@ -159,7 +161,8 @@ def main() -> int:
     rows.append({"start": "source", **source, "network": args.network, "note": note, "total_s": round(time.perf_counter() - t0, 1),
                  "load_average": os.getloadavg()[0]})
     report("transfer", rows, ["start", "iterations", "minutes_at_measured_rate", "s_per_iteration", "loaded",
-                              "liver_dice", "kidney_dice", "liver_tumor_dice", "kidney_tumor_dice", "mean_dice"])
+                              "liver_dice", "kidney_dice", "organ_mean_dice", "liver_tumor_dice", "kidney_tumor_dice",
+                              "mean_dice"])
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
