@@ -1,4 +1,5 @@
-"""Where a network runs, and how its weights and training state are saved and loaded.
+"""Where a network runs, how its weights and training state are saved and loaded, and how a run starts from
+another model's weights (``train --init-from``).
 
 Weights are safetensors (never unpickled); the ``--continue`` state is a ``torch.save`` of tensors and primitives
 only, read back with ``weights_only=True``. Both are written atomically.
@@ -6,6 +7,7 @@ only, read back with ``weights_only=True``. Both are written atomically.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,60 @@ def load_state(folder: Path, name: str = "latest") -> dict[str, Any]:
     if not isinstance(state["epoch"], int) or state["epoch"] < 0 or not isinstance(state["log"], list):
         raise AutosegError(f"{path}: training state has epoch {state['epoch']!r}; {fix}")
     return state
+
+
+# ------------------------------------------------------------------------------------- starting from another model
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """Weights to start a training run from (``train --init-from``) and the plans entry they were trained with."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    where: str
+
+
+def _structure(config: dict[str, Any]) -> dict[str, Any]:
+    """What fixes a network's weight names and inner shapes, with the optional plan keys filled in."""
+    net = config["network"]
+    n = len(net["features"])
+    return {"dims": config["dims"], "stages": n, "encoder": net["encoder"], "stem": bool(net.get("stem", False)),
+            "features": list(net["features"]), "kernel_sizes": [list(k) for k in net["kernel_sizes"]],
+            "strides": [list(s) for s in net["strides"]],
+            "encoder_convs": list(net.get("encoder_convs", [net["convs_per_stage"]] * n)),
+            "decoder_convs": list(net.get("decoder_convs", [net["convs_per_stage"]] * (n - 1)))}
+
+
+def plan_differences(config: dict[str, Any], source: dict[str, Any]) -> list[str]:
+    """How the network of ``source`` (a plans configuration) differs from ``config``'s, beyond the input channels
+    and outputs: each difference means its weights cannot be carried over."""
+    ours, theirs = _structure(config), _structure(source)
+    for key in ("dims", "stages"):  # the rest compares stage by stage, meaningless when these differ
+        if ours[key] != theirs[key]:
+            return [f"{key} {theirs[key]} (this configuration: {ours[key]})"]
+    return [f"{key} {theirs[key]} (this configuration: {ours[key]})" for key in ours if ours[key] != theirs[key]]
+
+
+def init_from(model: torch.nn.Module, config: dict[str, Any], source: InitSource) -> dict[str, Any]:
+    """Load every tensor of ``source`` whose name and shape fit ``model``; the rest (a head for other labels, a
+    first conv for another number of input channels) keeps its initialisation and is listed in the returned
+    report. Plans whose network differs otherwise (dims, stages, features, kernels, strides, encoder) are an
+    error naming each difference: their weights would fit nowhere or mean something else."""
+    problems = plan_differences(config, source.config)
+    if problems:
+        raise AutosegError(f"--init-from {source.where}: its network does not fit this configuration's "
+                           f"({'; '.join(problems)}); start from a model trained with the same network plan "
+                           "(re-plan this dataset like the source, or pick its configuration), or train from scratch")
+    bad = _non_finite(source.weights)
+    if bad:
+        raise AutosegError(f"--init-from {source.where}: {len(bad)} weight tensor(s) hold NaN/Inf (first: {bad[0]})")
+    loaded, kept = {}, []
+    for key, ref in model.state_dict().items():
+        w = source.weights.get(key)
+        if w is not None and tuple(w.shape) == tuple(ref.shape):
+            loaded[key] = w
+        else:
+            kept.append(f"{key} {tuple(ref.shape)} (source: {'absent' if w is None else tuple(w.shape)})")
+    model.load_state_dict(loaded, strict=False)
+    return {"source": source.where, "loaded": len(loaded), "initialised": kept}

@@ -6,6 +6,10 @@ The ``residual`` encoder (nnU-Net ResEnc style) replaces each plain conv of a st
 decoder always stays plain: transposed conv (kernel = stride) to the skip's features, concatenate, convs, and a
 1x1 head per decoder stage for deep supervision.
 
+Two optional plan keys describe networks imported from nnU-Net (``autoseg import-nnunet``): ``encoder_convs`` and
+``decoder_convs`` give the conv (or residual block) count per stage where it is not ``convs_per_stage`` everywhere
+(ResEnc: 1, 3, 4, 6, ... blocks), and ``stem`` puts one conv block before the first stage (ResEnc's stem).
+
 The network stays autocast- and channels-last-friendly: no Python-side dtype casts, and in-place ops only on
 fresh activations (LeakyReLU after a norm or an add), never on a tensor autograd still needs.
 """
@@ -92,28 +96,38 @@ class UNet(nn.Module):
         strides: Sequence[Sequence[int]],
         kernel_sizes: Sequence[Sequence[int]],
         features: Sequence[int],
-        convs_per_stage: int,
+        convs_per_stage: int | Sequence[int],
         encoder: str,
         deep_supervision: bool,
+        decoder_convs: Sequence[int] | None = None,
+        stem: bool = False,
     ):
         super().__init__()
         if encoder not in ("plain", "residual"):
             raise ValueError(f"encoder must be 'plain' or 'residual', got {encoder!r}")
+        n = len(features)
+        encoder_convs = [convs_per_stage] * n if isinstance(convs_per_stage, int) else list(convs_per_stage)
+        decoder_convs = [encoder_convs[0]] * (n - 1) if decoder_convs is None else list(decoder_convs)
+        if len(encoder_convs) != n or len(decoder_convs) != n - 1 or min(encoder_convs + decoder_convs, default=1) < 1:
+            raise ValueError(f"{n} stages need {n} encoder and {n - 1} decoder conv counts >= 1, got "
+                             f"{encoder_convs} and {decoder_convs}")
         block = ResidualBlock if encoder == "residual" else ConvBlock
         ones = [1] * dims
         self.deep_supervision = deep_supervision
+        # registered only when planned, so the weights of a network without a stem keep their names
+        self.stem = ConvBlock(dims, in_channels, features[0], kernel_sizes[0], ones) if stem else None
         self.encoder = nn.ModuleList()
-        cin = in_channels
-        for stride, kernel, f in zip(strides, kernel_sizes, features):
+        cin = features[0] if stem else in_channels
+        for stride, kernel, f, convs in zip(strides, kernel_sizes, features, encoder_convs):
             self.encoder.append(
                 nn.Sequential(*[block(dims, cin if i == 0 else f, f, kernel, stride if i == 0 else ones)
-                                for i in range(convs_per_stage)])
+                                for i in range(convs)])
             )
             cin = f
         # decoder[s] and heads[s] work at the resolution of encoder stage s (index 0 = full resolution)
         self.decoder = nn.ModuleList(
-            DecoderStage(dims, features[s + 1], features[s], strides[s + 1], kernel_sizes[s], convs_per_stage)
-            for s in range(len(features) - 1)
+            DecoderStage(dims, features[s + 1], features[s], strides[s + 1], kernel_sizes[s], decoder_convs[s])
+            for s in range(n - 1)
         )
         self.num_outputs = num_outputs
         self.heads = nn.ModuleList(_OPS[dims][0](features[s], num_outputs, 1) for s in range(len(features) - 1))
@@ -121,6 +135,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []
+        if self.stem is not None:
+            x = self.stem(x)
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
@@ -158,9 +174,11 @@ def build_network(config: dict[str, Any], in_channels: int, num_outputs: int, en
         strides=net["strides"],
         kernel_sizes=net["kernel_sizes"],
         features=net["features"],
-        convs_per_stage=int(net["convs_per_stage"]),
+        convs_per_stage=[int(c) for c in net.get("encoder_convs", [net["convs_per_stage"]] * n)],
         encoder=encoder or net["encoder"],
         deep_supervision=bool(net["deep_supervision"]),
+        decoder_convs=[int(c) for c in net.get("decoder_convs", [net["convs_per_stage"]] * (n - 1))],
+        stem=bool(net.get("stem", False)),
     )
 
 

@@ -8,7 +8,7 @@ import contextlib
 import functools
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +39,7 @@ from .planning.planner import plan
 from .preprocessing.preprocess import preprocess_dataset
 from .schemas import validate
 from .training.trainer import TrainOptions, estimate_run, train_fold
+from .transfer import init_source
 
 
 def planning_device(choice: str) -> str:
@@ -140,8 +141,12 @@ def _plan_and_preprocess(roots: Roots, dataset: str, configurations: Sequence[st
     return Planned(out, plans, wanted)
 
 
-def train(roots: Roots, dataset: str, configuration: str, fold: int | str, opts: TrainOptions) -> Path:
-    """Train one fold (or ``all``) of one configuration; returns the fold's folder."""
+def train(roots: Roots, dataset: str, configuration: str, fold: int | str, opts: TrainOptions,
+          init_from: Path | None = None) -> Path:
+    """Train one fold (or ``all``) of one configuration, from the weights of the model ``init_from`` names where
+    they fit (:mod:`autoseg.transfer`); returns the fold's folder."""
+    if init_from is not None and not opts.continue_training:
+        opts = replace(opts, init_from=init_source(Path(init_from), configuration))
     return train_fold(results_dataset(roots, dataset), configuration, fold, opts, roots)
 
 

@@ -36,7 +36,7 @@ STAGES = {
     "inference": 5,
     "training": 6,
     "evaluation": 7,
-    "pipeline": 8, "bundle": 8,
+    "pipeline": 8, "bundle": 8, "nnunet": 8, "transfer": 8,
     "demo": 9, "api": 9,
     "cli": 10,
     "__main__": 11,

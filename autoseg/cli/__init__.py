@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..version import __version__
 from ..errors import AutosegError
-from . import bundle, convert, demo, evaluation, phantom, stages
+from . import bundle, convert, demo, evaluation, nnunet, phantom, stages
 
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3  # documented in the README ("Exit codes")
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_cli(sub)
     phantom.add_cli(sub)
     bundle.add_cli(sub)
+    nnunet.add_cli(sub)
     convert.add_cli(sub)
     for command in sub.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
     )
     fold = args.fold if args.fold == "all" else int(args.fold)
-    out = pipeline.train(env_roots(), args.dataset, args.configuration, fold, opts)
+    out = pipeline.train(env_roots(), args.dataset, args.configuration, fold, opts, args.init_from)
     print(f"trained model: {out}")
     return 0
 
@@ -156,6 +156,12 @@ def add_cli(sub: Any) -> None:
                    "the others force a mode (fp16 only on CUDA)")
     p.add_argument("--num-workers", type=bounded_int(0, 64, "2"), default=None,
                    help="background data-loading processes (default: cores - 2, at most 8; 0 = in-process)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
+                   help="start from the weights of another model where they fit: a bundle .zip, an autoseg results "
+                   "folder (dataset, configuration or fold) or an nnU-Net v2 trainer folder; tensors of another "
+                   "shape (a head for other labels, another number of input channels) keep their initialisation "
+                   "and are listed; a network of other dims, stages, features, kernels or strides is refused. "
+                   "Ignored with --continue")
     p.add_argument("--no-validation", dest="validate", action="store_false",
                    help="skip predicting the fold's validation cases at the end")
     p.add_argument("--npz", dest="save_probabilities", action="store_true",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_path, remove_stale_temporaries, write_json
-from ..checkpoint import fit_weights, load_state, pick_device, save_checkpoint
+from ..checkpoint import InitSource, fit_weights, init_from, load_state, pick_device, save_checkpoint
 from ..errors import AutosegError
 from ..jsonfile import read_json
 from ..labels import LabelSpec, label_layout
@@ -76,6 +76,7 @@ class TrainOptions:
     validate: bool = True
     save_probabilities: bool = False
     num_workers: int | None = None
+    init_from: InitSource | None = None  # weights to start from where they fit (train --init-from)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -555,6 +556,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
     names = output_names(setup.meta)
     torch.manual_seed(opts.seed)
     model = build_network(config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(device)
+    initialised = None if opts.init_from is None or opts.continue_training else init_from(model, config, opts.init_from)
     loss_fn = SegmentationLoss(len(config["network"]["strides"]) - 1, batch_dice=config["dims"] == 3,
                                regions=regions is not None)
     state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "iterations": 0, "log": []}
@@ -565,6 +567,11 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         setup.precision = Precision.from_json(setup_info["precision"])
         setup.schedule = Schedule.from_json(setup_info["schedule"])
         optimizer_state = rng = None
+        if initialised is not None:
+            setup_info["init_from"] = initialised
+        if setup.rank == 0 and initialised is not None:
+            print(f"initialised from {initialised['source']}: {initialised['loaded']} tensors loaded, "
+                  f"{len(initialised['initialised'])} keep their initialisation: {initialised['initialised']}")
         if setup.rank == 0:
             write_json(out / TRAINING_SETUP_JSON, setup_info)
     # the agreed memory format: under torchrun a rank whose own probe chose differently must still match rank 0
