@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, report  # noqa: E402
+from common import OUT, autoseg, machine, report  # noqa: E402
 
 NAME = "Dataset501_AbdomenPhantom"
 STAGE1_SHARE = 1 / 3
@@ -37,13 +36,6 @@ ITERS_PER_EPOCH = 25
 STRUCTURES = ("liver", "kidney", "liver_tumor", "kidney_tumor")
 
 
-def autoseg(args: list[str], env: dict, log: Path) -> None:
-    with open(log, "a") as f:
-        f.write(f"\n$ autoseg {' '.join(args)}\n")
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "autoseg", *args], env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"autoseg {' '.join(args)} failed (exit {proc.returncode}); see {log}")
 
 
 def train_stage(configuration: str, minutes: float, env: dict, results: Path, log: Path, rates: dict) -> dict:

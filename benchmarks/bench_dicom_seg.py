@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +25,11 @@ from autoseg.inference.identity import model_identity  # noqa: E402
 from autoseg.labels import DEFAULT_LABELS  # noqa: E402
 from autoseg.network import build_network  # noqa: E402
 from autoseg.phantom import generate_case  # noqa: E402
-from common import machine, report  # noqa: E402
+from common import best_of, machine, report  # noqa: E402
 
 META = {"channel_names": {"0": "CT"}, "labels": DEFAULT_LABELS, "file_ending": ".nii.gz"}
 
 
-def _best_of(fn, n: int = 3) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 class _Stub:
@@ -60,8 +52,8 @@ def main() -> None:
         write_series(tmp / "series", image, geo, "1.2.826.0.1.3680043.8.498.7")
         (series,) = find_series(tmp / "series")
         shape = "x".join(map(str, geo.shape))
-        t_nifti = _best_of(lambda: write_image(tmp / "case.nii.gz", labels, geo))
-        t_seg = _best_of(lambda: write_dicom_seg(tmp / "case.dcm", labels, series, META))
+        t_nifti = best_of(lambda: write_image(tmp / "case.nii.gz", labels, geo))
+        t_seg = best_of(lambda: write_dicom_seg(tmp / "case.dcm", labels, series, META))
         rows.append({"measure": f"write NIfTI label map .nii.gz ({shape}, 4 labels)", "value": round(t_nifti, 3),
                      "unit": "s"})
         rows.append({"measure": f"write DICOM-SEG ({len(series.files)} source slices, 4 segments)",
@@ -76,7 +68,7 @@ def main() -> None:
     config = plan(fingerprint, 8.0, "cpu")["configurations"]["3d_fullres"]
     net = build_network(config, 1, len(DEFAULT_LABELS))
     params = sum(p.numel() for p in net.parameters())
-    t_id = _best_of(lambda: model_identity([_Stub(config, net)], None))
+    t_id = best_of(lambda: model_identity([_Stub(config, net)], None))
     rows.append({"measure": f"model identity digest, demo CPU-plan network ({params / 1e6:.1f} M parameters)",
                  "value": round(t_id, 3), "unit": "s"})
     path = report("dicom_seg", rows, ["measure", "value", "unit"])

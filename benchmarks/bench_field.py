@@ -30,16 +30,9 @@ from autoseg.labels import DEFAULT_LABELS  # noqa: E402
 from autoseg.layout import fold_dir  # noqa: E402
 from autoseg.network import build_network  # noqa: E402
 from autoseg.phantom import generate_case  # noqa: E402
-from common import machine, report  # noqa: E402
+from common import best_of, machine, report  # noqa: E402
 
 
-def _best_of(fn, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _demo_model(root: Path) -> Path:
@@ -71,9 +64,9 @@ def main() -> None:
         write_image(tmp / "ct.nii.gz", image, geo)
         write_series(tmp / "series", image, geo, "1.2.826.0.1.3680043.8.498.7")
         series = find_series(tmp / "series")[0]
-        t_nifti = _best_of(lambda: read_image(tmp / "ct.nii.gz"))
-        t_dicom = _best_of(lambda: read_series(series))
-        t_find = _best_of(lambda: find_series(tmp / "series"))
+        t_nifti = best_of(lambda: read_image(tmp / "ct.nii.gz"), 5)
+        t_dicom = best_of(lambda: read_series(series), 5)
+        t_find = best_of(lambda: find_series(tmp / "series"), 5)
         shape = "x".join(map(str, geo.shape))
         rows.append({"measure": f"read NIfTI .nii.gz ({shape})", "value": round(t_nifti, 3), "unit": "s"})
         rows.append({"measure": f"read DICOM series, checked ({len(series.files)} slices)", "value": round(t_dicom, 3),

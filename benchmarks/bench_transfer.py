@@ -24,14 +24,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import autoseg, report  # noqa: E402
 
 NAME = "Dataset501_AbdomenPhantom"
 SOURCE = "Dataset502_SourcePhantom"
@@ -40,13 +39,6 @@ STRUCTURES = ("liver", "kidney", "liver_tumor", "kidney_tumor")
 FIXED = ["--device", "cpu", "--num-workers", "0", "--precision", "fp32", "--val-iters", "2", "--no-validation"]
 
 
-def autoseg(args: list[str], env: dict, log: Path) -> None:
-    with open(log, "a") as f:
-        f.write(f"\n$ autoseg {' '.join(args)}\n")
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "autoseg", *args], env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"autoseg {' '.join(args)} failed (exit {proc.returncode}); see {log}")
 
 
 def epochs_for(iterations: int) -> list[str]:

@@ -8,10 +8,11 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -100,3 +101,23 @@ def report(name: str, rows: list[dict], columns: Sequence[str]) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def autoseg(args: Sequence[str], env: dict, log: Path) -> None:
+    """Run ``autoseg ARGS`` with this Python, its output appended to ``log``; a failure stops the benchmark."""
+    with open(log, "a") as f:
+        f.write(f"\n$ autoseg {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "autoseg", *args], env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"autoseg {' '.join(args)} failed (exit {proc.returncode}); see {log}")
+
+
+def best_of(fn: Callable[[], object], n: int = 3) -> float:
+    """The fastest of ``n`` timed calls of ``fn``, in seconds (load from other jobs only adds time)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
