@@ -154,25 +154,26 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
 
 def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: list[str] | None = None,
                     device: str = "auto", mirror: bool = True, step: float = 0.5,
-                    fast: bool = False, precision: str = "auto") -> tuple[list[Predictor], dict[str, Any] | None]:
+                    fast: bool = False, precision: str = "auto",
+                    engine: str = "torch") -> tuple[list[Predictor], dict[str, Any] | None]:
     """The predictors of a trained dataset folder (see :func:`inference_models`) and the postprocessing to apply;
-    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` as in
+    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` and ``engine`` as in
     :meth:`Predictor.from_trained`."""
     configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
     if fast:
         mirror, step = False, max(step, 0.75)
     predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step,
-                                         precision=precision) for c in configs]
+                                         precision=precision, engine=engine) for c in configs]
     return predictors, postprocessing
 
 
 def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None = None, model: Path | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
-            overwrite: bool = False, postprocess: bool = True, precision: str = "auto") -> None:
+            overwrite: bool = False, postprocess: bool = True, precision: str = "auto", engine: str = "torch") -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
-    trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`. Bad
-    cases are raised together at the end."""
+    trained here (``dataset``) or a bundle (``model``); ``precision`` and ``engine`` as in
+    :meth:`Predictor.from_trained`. Bad cases are raised together at the end."""
     bundle_dir = None
     if model:
         dataset_dir = open_bundle(Path(model))
@@ -183,7 +184,7 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
         raise AutosegError("say which model to use: -d DATASET (trained here) or -m model.zip")
     try:
         predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step, fast,
-                                                     precision)
+                                                     precision, engine)
         problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities, overwrite,
                                   postprocessing if postprocess else None)
     finally:

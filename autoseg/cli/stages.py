@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import pipeline
 from ..atomic import write_json
+from ..inference.engines import ENGINES
 from ..jsonfile import read_json
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
@@ -59,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
-                     args.overwrite, not args.no_postprocessing, args.precision)
+                     args.overwrite, not args.no_postprocessing, args.precision, args.engine)
     print(f"predictions in {args.output}")
     return 0
 
@@ -186,6 +187,10 @@ def add_cli(sub: Any) -> None:
                    help="numeric mode of the network: auto (default) times a forward pass in float32 and, where the "
                    "hardware runs it natively, bfloat16 (fp16 on CUDA without bf16), with and without channels-last, "
                    "and uses the fastest numerically sound one; fp32/bf16/fp16 force it")
+    p.add_argument("--engine", choices=list(ENGINES), default="torch",
+                   help="what runs the network on each tile: torch (default), or its ONNX export in onnxruntime "
+                   "(pip install 'autoseg[onnx]') or openvino ('autoseg[openvino]'); same sliding window, mirroring "
+                   "and weighting, float32, checked against torch's logits when loaded")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",

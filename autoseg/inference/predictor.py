@@ -41,6 +41,7 @@ from ..precision import Precision, probe
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
 from ..preprocessing.resample import case_memory_bytes
 from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
+from .engines import checked_runtime_network
 from .postprocess import apply_postprocessing
 from .progress import TileProgress
 
@@ -243,6 +244,22 @@ def previous_stage_dir(config_dir: Path, config: dict, folds: Sequence[str], che
     return stage1
 
 
+def _runtime_models(engine: str, models: Sequence[nn.Module], sources: Sequence[Path],
+                    patch: Sequence[int], in_channels: int, device: torch.device,
+                    precision: str) -> tuple[list[nn.Module], Precision]:
+    """Each fold's network exported to ``engine`` and checked against torch; the runtime runs its float32 graph."""
+    if precision not in ("auto", "fp32"):
+        raise AutosegError(f"--precision {precision} applies to --engine torch only; --engine {engine} runs the "
+                           "exported float32 graph (leave --precision at auto)")
+    runtimes, diffs = [], []
+    for net, source in zip(models, sources):
+        runtime, diff = checked_runtime_network(engine, net, in_channels, patch, device, where=str(source))
+        runtimes.append(runtime)
+        diffs.append(diff)
+    return runtimes, Precision(reason=f"{engine} runs the exported float32 graph, max |logit - torch| "
+                                      f"{max(diffs):.2g} on a random tile batch")
+
+
 class Predictor:
     """A trained configuration ready to predict: plans, one network per fold, the inference settings, the measured
     precision and, for a cascade, the stage-1 :class:`Predictor`.
@@ -270,10 +287,12 @@ class Predictor:
     @classmethod
     def from_trained(cls, config_dir: str | Path, folds: Sequence[int | str] | None = None,
                      checkpoint: str = "final", device: str = "auto", mirror: bool = True,
-                     step: float = 0.5, precision: str = "auto") -> "Predictor":
+                     step: float = 0.5, precision: str = "auto", engine: str = "torch") -> "Predictor":
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``) and
         measure the precision (``auto``, ``fp32``, ``bf16``, ``fp16``: see :mod:`autoseg.precision`). A cascade
-        also loads its stage 1 (same folds) from the sibling ``<previous_stage>`` folder."""
+        also loads its stage 1 (same folds) from the sibling ``<previous_stage>`` folder. ``engine`` other than
+        ``torch`` runs each fold's network exported to ONNX in that runtime (:mod:`.engines`), float32, after
+        checking its logits against torch's."""
         config_dir = Path(config_dir)
         if not config_dir.is_dir():
             raise AutosegError(f"{config_dir}: not a trained configuration (no such folder); train it first")
@@ -292,7 +311,7 @@ class Predictor:
         stage1 = None
         if "previous_stage" in config:
             stage1 = cls.from_trained(previous_stage_dir(config_dir, config, chosen, checkpoint), chosen,
-                                      checkpoint, device, mirror, step, precision)
+                                      checkpoint, device, mirror, step, precision, engine)
         dev = pick_device(device)
         n_out, _, _ = LabelSpec.from_meta(meta).layout()
         models = []
@@ -300,8 +319,14 @@ class Predictor:
             net = build_network(config, len(meta["channel_names"]), n_out)
             load_weights(checkpoint_file(fold_dir(config_dir, f), checkpoint), net)
             models.append(net.to(dev).eval())
-        chosen_precision = probe_precision(models, config["patch_size"], len(meta["channel_names"]), dev, precision)
-        print(f"{configuration}: precision {chosen_precision.mode}"
+        if engine != "torch":
+            sources = [checkpoint_file(fold_dir(config_dir, f), checkpoint) for f in chosen]
+            models, chosen_precision = _runtime_models(engine, models, sources, config["patch_size"],
+                                                       len(meta["channel_names"]), dev, precision)
+        else:
+            chosen_precision = probe_precision(models, config["patch_size"], len(meta["channel_names"]), dev,
+                                               precision)
+        print(f"{configuration}: engine {engine}, precision {chosen_precision.mode}"
               f"{' channels-last' if chosen_precision.channels_last else ''} on {dev} ({chosen_precision.reason}; "
               f"measured s/step {chosen_precision.seconds or 'none'})")
         return cls(plans, meta, configuration, models, dev, mirror, step, chosen_precision, stage1)
