@@ -16,7 +16,7 @@ from autoseg.bundle import import_bundle
 from autoseg.checkpoint import load_weights
 from autoseg.cli import main
 from autoseg.errors import AutosegError
-from autoseg.inference.engines import checked_runtime_network, export_onnx, runtime_network
+from autoseg.inference.engines import checked_runtime_network, decide_engine, export_onnx, runtime_network
 from autoseg.inference.predictor import Predictor
 from autoseg.io.images import read_image, write_image
 from autoseg.network import UNet, build_network
@@ -90,7 +90,7 @@ def test_predict_with_each_engine_gives_torchs_labels(roots, tmp_path, capsys, e
         out = tmp_path / e
         assert main(["predict", "-i", str(src), "-o", str(out), "-d", DATASET, "--device", "cpu",
                      "--engine", e]) == 0  # mirroring on: every flip goes through the runtime too
-        assert f"3d_fullres: engine {e}, precision" in capsys.readouterr().out
+        assert f"3d_fullres: engine {e} (as asked" in capsys.readouterr().out
         segs[e] = read_image(out / "case.nii.gz")[0]
     assert len(np.unique(segs["torch"])) > 1  # a label map with structure, not all background
     differ = segs[engine] != segs["torch"]
@@ -162,3 +162,27 @@ def test_export_onnx_without_onnx_names_the_extra(roots, tmp_path, capsys, monke
     assert main(["export", "-d", DATASET, "-o", str(tmp_path / "m.zip"), "--onnx"]) == 1
     assert "pip install 'autoseg[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "m.zip").exists()
+
+
+def test_auto_takes_a_runtime_only_when_clearly_faster_than_torch():
+    assert decide_engine({"torch": 1.0, "onnxruntime": 0.5, "openvino": 0.4})[0] == "openvino"
+    engine, reason = decide_engine({"torch": 1.0, "onnxruntime": 0.9})
+    assert engine == "torch" and "only 1.11x faster" in reason  # within timing noise
+    assert decide_engine({"torch": 0.3, "onnxruntime": 0.5})[0] == "torch"
+    assert decide_engine({"torch": 1.0})[0] == "torch"
+
+
+def test_predict_auto_measures_the_engines_and_says_which_it_took(roots, tmp_path, capsys, monkeypatch):
+    tiny_model(roots["AUTOSEG_RESULTS"])
+    src = _case(tmp_path)
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "a"), "-d", DATASET, "--device", "cpu"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("3d_fullres: engine "))
+    installed = [e for e in ("onnxruntime", "openvino") if importlib.util.find_spec(e)]
+    if installed:
+        assert "(auto: " in line and all(f"'{e}': " in line for e in ["torch", *installed])  # each was timed
+    for engine in ("onnxruntime", "openvino"):  # without any runtime, auto is torch and says how to get one
+        monkeypatch.setitem(sys.modules, engine, None)
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "b"), "-d", DATASET, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "3d_fullres: engine torch (auto: no runtime installed; pip install 'autoseg[onnx]')" in out
+    assert read_image(tmp_path / "b" / "case.nii.gz")[0].shape == read_image(tmp_path / "a" / "case.nii.gz")[0].shape

@@ -15,18 +15,22 @@ so: on CPUs with bf16 units it would otherwise pick bf16 by itself and change th
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
+import time
 import warnings
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import AutosegError
+from ..precision import MIN_GAIN, Precision
 
 ENGINES = ("torch", "onnxruntime", "openvino")
+CHOICES = ("auto", *ENGINES)
 OPSET = 17
 # The pip extra that installs what each engine (and the export) needs.
 EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
@@ -157,3 +161,50 @@ def checked_runtime_network(engine: str, net: nn.Module, in_channels: int, patch
                            f"largest logit, allowed {MAX_RELATIVE_DIFF:.1%}); this runtime build mis-runs the graph: "
                            "use --engine torch")
     return runtime, diff
+
+
+def installed_runtimes() -> list[str]:
+    """The runtime engines whose packages (and the ONNX exporter's) are importable here."""
+    if importlib.util.find_spec("onnx") is None:
+        return []
+    return [e for e in ENGINES[1:] if importlib.util.find_spec(e) is not None]
+
+
+def decide_engine(seconds: Mapping[str, float], min_gain: float = MIN_GAIN) -> tuple[str, str]:
+    """(engine, reason) from measured seconds per tile batch (pure): the fastest, but a runtime only where it beats
+    torch by ``min_gain`` (below that, timing noise on a shared machine could pick it)."""
+    best = min(seconds, key=lambda e: seconds[e])
+    base = seconds["torch"]
+    if best == "torch":
+        return "torch", f"torch {base:.3f} s per tile batch, fastest measured"
+    gain = base / seconds[best]
+    if gain < min_gain:
+        return "torch", f"{best} only {gain:.2f}x faster than torch ({base:.3f} s per tile batch; needs {min_gain}x)"
+    return best, f"{best} {seconds[best]:.3f} s per tile batch, {gain:.2f}x faster than torch ({base:.3f} s)"
+
+
+@torch.inference_mode()
+def time_engines(net: nn.Module, runtimes: Mapping[str, nn.Module], in_channels: int, patch: Sequence[int],
+                 device: torch.device, precision: Precision, tile_batch: int = 2, repeats: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per forward pass of one seeded random tile batch for torch (in ``precision``) and each runtime:
+    a warm-up each, then ``repeats`` interleaved rounds, the fastest round counting (as :func:`autoseg.precision.probe`:
+    a busy neighbour only adds time, and interleaving spreads a burst over every engine)."""
+    x = torch.randn((tile_batch, in_channels, *patch), generator=torch.Generator().manual_seed(0)).to(device)
+    if precision.channels_last and x.ndim == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def torch_forward() -> None:
+        with precision.autocast(device):
+            net(x)
+
+    runs = {"torch": torch_forward, **{e: (lambda r=r: r(x)) for e, r in runtimes.items()}}
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {e: [] for e in runs}
+    for _ in range(max(1, repeats)):
+        for engine, run in runs.items():
+            t = clock()
+            run()
+            times[engine].append(clock() - t)
+    return {e: round(min(ts), 4) for e, ts in times.items()}
