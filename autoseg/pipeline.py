@@ -155,7 +155,7 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
 def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: list[str] | None = None,
                     device: str = "auto", mirror: bool = True, step: float = 0.5,
                     fast: bool = False, precision: str = "auto",
-                    engine: str = "auto") -> tuple[list[Predictor], dict[str, Any] | None]:
+                    engine: str = "torch") -> tuple[list[Predictor], dict[str, Any] | None]:
     """The predictors of a trained dataset folder (see :func:`inference_models`) and the postprocessing to apply;
     ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` and ``engine`` as in
     :meth:`Predictor.from_trained`."""
@@ -171,7 +171,7 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True, precision: str = "auto",
-            engine: str = "auto") -> None:
+            engine: str = "torch") -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
     trained here (``dataset``) or a bundle (``model``); ``precision`` and ``engine`` as in
     :meth:`Predictor.from_trained`. Bad cases are raised together at the end."""

@@ -172,17 +172,25 @@ def test_auto_takes_a_runtime_only_when_clearly_faster_than_torch():
     assert decide_engine({"torch": 1.0})[0] == "torch"
 
 
+def test_predict_engine_torch_is_the_default(roots, tmp_path, capsys):
+    tiny_model(roots["AUTOSEG_RESULTS"])
+    assert main(["predict", "-i", str(_case(tmp_path)), "-o", str(tmp_path / "o"), "-d", DATASET]) == 0
+    assert "3d_fullres: engine torch (as asked)" in capsys.readouterr().out
+
+
 def test_predict_auto_measures_the_engines_and_says_which_it_took(roots, tmp_path, capsys, monkeypatch):
     tiny_model(roots["AUTOSEG_RESULTS"])
     src = _case(tmp_path)
-    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "a"), "-d", DATASET, "--device", "cpu"]) == 0
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "a"), "-d", DATASET, "--device", "cpu",
+                 "--engine", "auto"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("3d_fullres: engine "))
     installed = [e for e in ("onnxruntime", "openvino") if importlib.util.find_spec(e)]
     if installed:
         assert "(auto: " in line and all(f"'{e}': " in line for e in ["torch", *installed])  # each was timed
     for engine in ("onnxruntime", "openvino"):  # without any runtime, auto is torch and says how to get one
         monkeypatch.setitem(sys.modules, engine, None)
-    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "b"), "-d", DATASET, "--device", "cpu"]) == 0
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "b"), "-d", DATASET, "--device", "cpu",
+                 "--engine", "auto"]) == 0
     out = capsys.readouterr().out
     assert "3d_fullres: engine torch (auto: no runtime installed; pip install 'autoseg[onnx]')" in out
     assert read_image(tmp_path / "b" / "case.nii.gz")[0].shape == read_image(tmp_path / "a" / "case.nii.gz")[0].shape

@@ -187,12 +187,12 @@ def add_cli(sub: Any) -> None:
                    help="numeric mode of the network: auto (default) times a forward pass in float32 and, where the "
                    "hardware runs it natively, bfloat16 (fp16 on CUDA without bf16), with and without channels-last, "
                    "and uses the fastest numerically sound one; fp32/bf16/fp16 force it")
-    p.add_argument("--engine", choices=list(CHOICES), default="auto",
-                   help="what runs the network on each tile: auto (default) times torch and every installed runtime "
-                   "on the CPU and uses the fastest (a runtime only if 1.15x faster; torch on a GPU or where none is "
-                   "installed); torch; or the network's ONNX export in onnxruntime (pip install 'autoseg[onnx]') or "
-                   "openvino ('autoseg[openvino]'). Same sliding window, mirroring and weighting; a runtime runs "
-                   "float32 and its logits are checked against torch's when loaded")
+    p.add_argument("--engine", choices=list(CHOICES), default="torch",
+                   help="what runs the network on each tile: torch (default); the network's ONNX export in "
+                   "onnxruntime (pip install 'autoseg[onnx]') or openvino ('autoseg[openvino]'), float32, its "
+                   "logits checked against torch's when loaded; or auto: time torch and every installed runtime on "
+                   "the CPU and use the fastest (a runtime only if 1.15x faster; torch on a GPU or where none is "
+                   "installed). Same sliding window, mirroring and weighting for all")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",

@@ -310,13 +310,13 @@ class Predictor:
     @classmethod
     def from_trained(cls, config_dir: str | Path, folds: Sequence[int | str] | None = None,
                      checkpoint: str = "final", device: str = "auto", mirror: bool = True,
-                     step: float = 0.5, precision: str = "auto", engine: str = "auto") -> "Predictor":
+                     step: float = 0.5, precision: str = "auto", engine: str = "torch") -> "Predictor":
         """Load ``<results>/<dataset>/<configuration>`` (plans, dataset.json, ``fold_*/checkpoint_<name>``) and
         measure the precision (``auto``, ``fp32``, ``bf16``, ``fp16``: see :mod:`autoseg.precision`). A cascade
         also loads its stage 1 (same folds) from the sibling ``<previous_stage>`` folder. ``engine``
         ``onnxruntime`` or ``openvino`` runs each fold's network exported to ONNX in that runtime (:mod:`.engines`),
-        float32, after checking its logits against torch's; ``auto`` (default) times torch and every installed
-        runtime on the CPU and takes the fastest (a runtime only if 1.15x faster; torch where none is installed)."""
+        float32, after checking its logits against torch's; ``auto`` times torch and every installed runtime on the
+        CPU and takes the fastest (a runtime only if 1.15x faster; torch where none is installed)."""
         config_dir = Path(config_dir)
         if not config_dir.is_dir():
             raise AutosegError(f"{config_dir}: not a trained configuration (no such folder); train it first")
