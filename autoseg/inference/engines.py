@@ -19,6 +19,7 @@ import importlib.util
 import io
 import time
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
@@ -208,3 +209,44 @@ def time_engines(net: nn.Module, runtimes: Mapping[str, nn.Module], in_channels:
             run()
             times[engine].append(clock() - t)
     return {e: round(min(ts), 4) for e, ts in times.items()}
+
+
+def engine_networks(engine: str, models: Sequence[nn.Module], sources: Sequence[Path], patch: Sequence[int],
+                    in_channels: int, device: torch.device,
+                    precision: Precision) -> tuple[list[nn.Module], Precision, str]:
+    """Each fold's network (``models``, loaded from ``sources``) in the engine to run, the precision the sliding
+    window then uses, and a line saying which engine and why. ``auto``: the fastest of torch (in its measured
+    ``precision``) and every installed runtime on the CPU (:func:`time_engines` on the first fold, each runtime
+    checked against torch first; a runtime that mis-runs the graph is left out and named)."""
+    if engine == "torch":
+        return list(models), precision, "torch (as asked)"
+    first: nn.Module | None = None
+    reason = f"{engine} (as asked)"
+    if engine == "auto":
+        if device.type != "cpu" or precision.mode != "fp32":
+            return list(models), precision, f"torch (auto: {precision.mode} on {device.type})"
+        runtimes, notes = {}, []
+        for candidate in installed_runtimes():
+            try:
+                runtimes[candidate] = checked_runtime_network(candidate, models[0], in_channels, patch, device,
+                                                              where=str(sources[0]))[0]
+            except AutosegError as e:
+                notes.append(str(e))
+        if not runtimes:
+            return list(models), precision, "torch (auto: no runtime installed; pip install 'autoseg[onnx]')"
+        seconds = time_engines(models[0], runtimes, in_channels, patch, device, precision)
+        engine, why = decide_engine(seconds)
+        reason = f"{engine} (auto: {why}; measured {seconds}{'; ' if notes else ''}{'; '.join(notes)})"
+        if engine == "torch":
+            return list(models), precision, reason
+        first = runtimes[engine]
+    out, diffs = [], []
+    for i, (net, source) in enumerate(zip(models, sources)):
+        if i == 0 and first is not None:
+            out.append(first)
+            continue
+        runtime, diff = checked_runtime_network(engine, net, in_channels, patch, device, where=str(source))
+        out.append(runtime)
+        diffs.append(diff)
+    checked = f", max |logit - torch| {max(diffs):.2g} on a random tile batch" if diffs else ""
+    return out, Precision(reason=f"{engine} runs the exported float32 graph"), reason + checked

@@ -41,7 +41,7 @@ from ..precision import Precision, probe
 from ..preprocessing.preprocess import preprocess_case, restore_probabilities, target_shape
 from ..preprocessing.resample import case_memory_bytes
 from .cascade import Box, predict_in_rois, roi_fraction, stage2_boxes
-from .engines import checked_runtime_network, decide_engine, installed_runtimes, time_engines
+from .engines import engine_networks
 from .postprocess import apply_postprocessing
 from .progress import TileProgress
 
@@ -244,45 +244,6 @@ def previous_stage_dir(config_dir: Path, config: dict, folds: Sequence[str], che
     return stage1
 
 
-def _runtime_models(engine: str, models: Sequence[nn.Module], sources: Sequence[Path], patch: Sequence[int],
-                    in_channels: int, device: torch.device, precision: Precision,
-                    done: dict[str, nn.Module] | None = None) -> tuple[list[nn.Module], Precision, str]:
-    """The engine to run and each fold's network in it: ``engine``, or for ``auto`` the fastest of torch (in the
-    measured ``precision``) and every installed runtime on the CPU (:func:`.engines.time_engines`), each runtime
-    checked against torch's logits first. Returns (models, precision, reason)."""
-    if engine == "auto":
-        if device.type != "cpu" or precision.mode != "fp32":
-            return list(models), precision, f"torch (auto: {precision.mode} on {device.type})"
-        runtimes, notes = {}, []
-        for candidate in installed_runtimes():
-            try:
-                runtimes[candidate] = checked_runtime_network(candidate, models[0], in_channels, patch, device,
-                                                              where=str(sources[0]))[0]
-            except AutosegError as e:  # a runtime build that mis-runs the graph is not a candidate
-                notes.append(str(e))
-        if not runtimes:
-            return list(models), precision, "torch (auto: no runtime installed; pip install 'autoseg[onnx]')"
-        seconds = time_engines(models[0], runtimes, in_channels, patch, device, precision)
-        engine, why = decide_engine(seconds)
-        reason = f"{engine} (auto: {why}; measured {seconds}{'; ' if notes else ''}{'; '.join(notes)})"
-        if engine == "torch":
-            return list(models), precision, reason
-        done = {str(sources[0]): runtimes[engine]}
-    elif engine == "torch":
-        return list(models), precision, "torch (as asked)"
-    else:
-        reason = f"{engine} (as asked)"
-    runtimes_, diffs = [], []
-    for net, source in zip(models, sources):
-        runtime = (done or {}).get(str(source))
-        if runtime is None:
-            runtime, diff = checked_runtime_network(engine, net, in_channels, patch, device, where=str(source))
-            diffs.append(diff)
-        runtimes_.append(runtime)
-    checked = f", max |logit - torch| {max(diffs):.2g} on a random tile batch" if diffs else ""
-    return runtimes_, Precision(reason=f"{engine} runs the exported float32 graph"), reason + checked
-
-
 class Predictor:
     """A trained configuration ready to predict: plans, one network per fold, the inference settings, the measured
     precision and, for a cascade, the stage-1 :class:`Predictor`.
@@ -343,15 +304,19 @@ class Predictor:
             net = build_network(config, len(meta["channel_names"]), n_out)
             load_weights(checkpoint_file(fold_dir(config_dir, f), checkpoint), net)
             models.append(net.to(dev).eval())
-        if engine not in ("auto", "torch") and precision not in ("auto", "fp32"):
+        if engine in ("auto", "torch"):
+            chosen_precision = probe_precision(models, config["patch_size"], len(meta["channel_names"]), dev,
+                                               precision)
+            print(f"{configuration}: precision {chosen_precision.mode}"
+                  f"{' channels-last' if chosen_precision.channels_last else ''} on {dev} ({chosen_precision.reason}; "
+                  f"measured s/step {chosen_precision.seconds or 'none'})")
+        elif precision not in ("auto", "fp32"):
             raise AutosegError(f"--precision {precision} applies to --engine torch only; --engine {engine} runs "
                                "the exported float32 graph (leave --precision at auto)")
-        chosen_precision = probe_precision(models, config["patch_size"], len(meta["channel_names"]), dev, precision)
-        print(f"{configuration}: precision {chosen_precision.mode}"
-              f"{' channels-last' if chosen_precision.channels_last else ''} on {dev} ({chosen_precision.reason}; "
-              f"measured s/step {chosen_precision.seconds or 'none'})")
+        else:
+            chosen_precision = Precision()
         sources = [checkpoint_file(fold_dir(config_dir, f), checkpoint) for f in chosen]
-        models, chosen_precision, why = _runtime_models(engine, models, sources, config["patch_size"],
+        models, chosen_precision, why = engine_networks(engine, models, sources, config["patch_size"],
                                                         len(meta["channel_names"]), dev, chosen_precision)
         print(f"{configuration}: engine {why}")
         return cls(plans, meta, configuration, models, dev, mirror, step, chosen_precision, stage1)
