@@ -8,18 +8,25 @@ Layout inside the zip (one top-level folder named after the dataset)::
     Dataset501_Name/<config>/plans.json
     Dataset501_Name/<config>/dataset.json
     Dataset501_Name/<config>/fold_<k>/checkpoint_final.safetensors
+    Dataset501_Name/<config>/fold_<k>/checkpoint_final.onnx      with export --onnx
 
 ``manifest.json`` lists every other member with its SHA-256 and size. Weights are safetensors only, so importing a
 bundle never unpickles anything. A bundle is untrusted input: ``import_bundle`` checks every member's name, type,
 size and compression ratio against the manifest before it writes a single byte, verifies each hash while it
 extracts into a temporary folder next to the target, validates plans and safetensors headers, and only then
 renames the folder into place.
+
+With ``onnx`` each fold's network is also exported to ONNX (:func:`autoseg.inference.engines.export_onnx`: dynamic
+batch and spatial axes) for runtimes outside autoseg, and checked against torch on a random tile batch; the manifest
+records the opset, the runtime that checked it and the max |logit difference| per file. ``autoseg predict`` itself
+always exports from the safetensors, so the two can never disagree.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -37,11 +44,12 @@ from .atomic import atomic_path
 from .errors import AutosegError
 from .io.dataset import dataset_json_problems
 from .jsonfile import parse_json, read_json
-from .layout import DATASET_JSON, FINGERPRINT_JSON, INFERENCE_PLAN_JSON, PLANS_JSON, checkpoint_name
+from .layout import DATASET_JSON, FINGERPRINT_JSON, INFERENCE_PLAN_JSON, PLANS_JSON, checkpoint_name, onnx_name
 
 MANIFEST = "manifest.json"
 FINAL = checkpoint_name("final")
-ALLOWED_SUFFIXES = (".json", ".safetensors")
+FINAL_ONNX = onnx_name("final")
+ALLOWED_SUFFIXES = (".json", ".safetensors", ".onnx")
 DEFAULT_MAX_BYTES = 4 * 2**30
 MAX_RATIO = 1000  # uncompressed / compressed; deflate cannot legitimately exceed ~1030 and real files sit far below
 MAX_JSON_BYTES = 64 * 2**20  # JSON members are parsed in memory, so they get a tighter bound
@@ -135,9 +143,47 @@ def _select(results_dataset_dir: Path, configurations: list[str] | None,
     return selection
 
 
+def _export_onnx_files(results_dataset_dir: Path, selection: dict[str, list[str]],
+                       folder: Path) -> tuple[list[tuple[Path, str]], dict[str, Any]]:
+    """Each selected fold's final network as ONNX in ``folder``, checked against torch with ONNX Runtime (else
+    OpenVINO): the (file, bundle path) pairs and the manifest's ``onnx`` entry."""
+    import torch
+
+    from .checkpoint import load_weights
+    from .inference.engines import ENGINES, OPSET, checked_runtime_network, export_onnx, require
+    from .io.dataset import load_dataset_json
+    from .labels import LabelSpec
+    from .network import build_network
+
+    engine = next((e for e in ENGINES[1:] if importlib.util.find_spec(e) is not None), "onnxruntime")
+    runtime = require(engine, "checking the ONNX export against torch")
+    sources, diffs = [], {}
+    for config, chosen in selection.items():
+        config_dir = results_dataset_dir / config
+        plans = read_json(config_dir / PLANS_JSON, "train the configuration again (it writes plans.json)", "plans")
+        meta = load_dataset_json(config_dir)
+        settings = plans["configurations"][config]
+        in_channels, n_out = len(meta["channel_names"]), LabelSpec.from_meta(meta).layout()[0]
+        for fold in chosen:
+            net = build_network(settings, in_channels, n_out)
+            load_weights(config_dir / f"fold_{fold}" / FINAL, net)
+            net.eval()
+            target = folder / f"{config}_fold_{fold}.onnx"
+            target.write_bytes(export_onnx(net, in_channels, settings["patch_size"]))
+            rel = f"{config}/fold_{fold}/{FINAL_ONNX}"
+            _, diffs[rel] = checked_runtime_network(engine, net, in_channels, settings["patch_size"],
+                                                    torch.device("cpu"), where=rel, model=target.read_bytes())
+            sources.append((target, rel))
+    entry = {"opset": OPSET, "input": "image (batch, channels, [z,] y, x) float32, preprocessed as in plans.json",
+             "output": "logits (batch, outputs, [z,] y, x)", "checked_with": f"{engine} {runtime.__version__}",
+             "max_abs_logit_diff": diffs}
+    return sources, entry
+
+
 def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None, folds: list[str] | None,
-            fingerprint: Path | None) -> dict[str, Any]:
-    """:func:`export_bundle`, returning the manifest with the exported ``selection`` (configuration -> folds)."""
+            fingerprint: Path | None, onnx: bool = False) -> dict[str, Any]:
+    """:func:`export_bundle`, returning the manifest with the exported ``selection`` (configuration -> folds);
+    ``onnx`` adds each fold's network as ONNX (see the module docstring)."""
     results_dataset_dir, out_zip = Path(results_dataset_dir), Path(out_zip)
     if not results_dataset_dir.is_dir():
         raise AutosegError(f"{results_dataset_dir}: no such results folder; train a model first (autoseg train) "
@@ -159,7 +205,21 @@ def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[
             sources.append((results_dataset_dir / config / name, f"{config}/{name}"))
         for fold in chosen:
             sources.append((results_dataset_dir / config / f"fold_{fold}" / FINAL, f"{config}/fold_{fold}/{FINAL}"))
+    scratch = Path(tempfile.mkdtemp(prefix="autoseg-onnx-")) if onnx else None
+    try:
+        onnx_entry = None
+        if scratch is not None:
+            onnx_sources, onnx_entry = _export_onnx_files(results_dataset_dir, selection, scratch)
+            sources += onnx_sources
+        return _write_zip(out_zip, dataset, sources, selection, onnx_entry)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
+
+def _write_zip(out_zip: Path, dataset: str, sources: list[tuple[Path, str]], selection: dict[str, list[str]],
+               onnx_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle from (file, path in the dataset folder) pairs, atomically; returns the manifest."""
     now = datetime.now(timezone.utc)
     date_time = now.timetuple()[:6]
     manifest: dict[str, Any] = {
@@ -168,6 +228,8 @@ def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[
         "created_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "files": {},
     }
+    if onnx_entry is not None:
+        manifest["onnx"] = onnx_entry
     with atomic_path(out_zip) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:
             for src, rel in sources:
@@ -182,14 +244,15 @@ def write_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[
 
 
 def export_bundle(results_dataset_dir: Path, out_zip: Path, configurations: list[str] | None = None,
-                  folds: list[str] | None = None, fingerprint: Path | None = None) -> Path:
+                  folds: list[str] | None = None, fingerprint: Path | None = None, onnx: bool = False) -> Path:
     """Write a model bundle of ``results_dataset_dir`` (``AUTOSEG_RESULTS/<dataset>``) to ``out_zip``, atomically.
 
     ``configurations``: default every configuration with at least one finished fold. ``folds`` (``"0"`` or
     ``"fold_0"``, ``"all"``): default every fold with ``checkpoint_final.safetensors``; a fold asked for without
-    one is an error. ``fingerprint``: optional ``fingerprint.json`` to ship along. Returns ``out_zip``.
+    one is an error. ``fingerprint``: optional ``fingerprint.json`` to ship along. ``onnx``: also each fold's
+    network as ONNX, checked against torch. Returns ``out_zip``.
     """
-    write_bundle(results_dataset_dir, out_zip, configurations, folds, fingerprint)
+    write_bundle(results_dataset_dir, out_zip, configurations, folds, fingerprint, onnx)
     return Path(out_zip)
 
 

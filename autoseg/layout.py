@@ -138,6 +138,12 @@ def checkpoint_name(which: str) -> str:
     return f"checkpoint_{which}.safetensors"
 
 
+def onnx_name(which: str) -> str:
+    """``checkpoint_<which>.onnx``: the network of ``checkpoint_<which>.safetensors`` exported to ONNX (bundles made
+    with ``export --onnx``)."""
+    return f"checkpoint_{which}.onnx"
+
+
 def checkpoint_file(fold_folder: Path, which: str) -> Path:
     """:func:`checkpoint_name` in a fold folder."""
     return fold_folder / checkpoint_name(which)

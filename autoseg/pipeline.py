@@ -186,15 +186,16 @@ def inference_models(dataset_dir: Path, configuration: str | None, folds: list[s
 
 def load_predictors(dataset_dir: Path, configuration: str | None = None, folds: list[str] | None = None,
                     device: str = "auto", mirror: bool = True, step: float = 0.5,
-                    fast: bool = False, precision: str = "auto") -> tuple[list[Predictor], dict[str, Any] | None]:
+                    fast: bool = False, precision: str = "auto",
+                    engine: str = "torch") -> tuple[list[Predictor], dict[str, Any] | None]:
     """The predictors of a trained dataset folder (see :func:`inference_models`) and the postprocessing to apply;
-    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` as in
+    ``fast`` is one fold, no mirroring and a step of at least 0.75; ``precision`` and ``engine`` as in
     :meth:`Predictor.from_trained`."""
     configs, chosen, postprocessing = inference_models(dataset_dir, configuration, folds, fast)
     if fast:
         mirror, step = False, max(step, 0.75)
     predictors = [Predictor.from_trained(dataset_dir / c, chosen.get(c), device=device, mirror=mirror, step=step,
-                                         precision=precision) for c in configs]
+                                         precision=precision, engine=engine) for c in configs]
     return predictors, postprocessing
 
 
@@ -215,8 +216,8 @@ def review_thresholds(dataset_dir: Path, predictors: Sequence[Predictor]) -> dic
 
 
 def _worker_predictors(model: str | None, dataset_dir: str, configuration: str | None, folds: list[str] | None,
-                       device: str, mirror: bool, step: float, fast: bool,
-                       precision: str) -> tuple[list[Predictor], dict[str, Any] | None]:
+                       device: str, mirror: bool, step: float, fast: bool, precision: str,
+                       engine: str = "torch") -> tuple[list[Predictor], dict[str, Any] | None]:
     """A cluster worker's setup: :func:`load_predictors`, once per worker. A bundle is opened by the worker itself
     (the driver's extracted copy may be on another machine) and its copy removed once the weights are loaded."""
     extracted = None
@@ -224,7 +225,7 @@ def _worker_predictors(model: str | None, dataset_dir: str, configuration: str |
         folder = open_bundle(Path(model))
         dataset_dir, extracted = str(folder), folder.parent
     try:
-        return load_predictors(Path(dataset_dir), configuration, folds, device, mirror, step, fast, precision)
+        return load_predictors(Path(dataset_dir), configuration, folds, device, mirror, step, fast, precision, engine)
     finally:
         if extracted is not None:
             shutil.rmtree(extracted, ignore_errors=True)
@@ -247,7 +248,7 @@ def _worker_predict(state: tuple[list[Predictor], dict[str, Any] | None], case: 
 def _predict_on_cluster(pool: Cluster, dataset_dir: Path, model: Path | None, input_dir: Path, output_dir: Path,
                         configuration: str | None, folds: list[str] | None, device: str, mirror: bool, step: float,
                         fast: bool, save_probabilities: bool, overwrite: bool, postprocess: bool, precision: str,
-                        workers: int | None, output_format: str, uncertainty: bool) -> list[str]:
+                        workers: int | None, output_format: str, uncertainty: bool, engine: str) -> list[str]:
     """:func:`predict_folder` with the cases spread over the cluster's workers (each loads the predictors once):
     the same files, skipped when finished, each written atomically by its worker. The driver loads the weights
     too, in float32 without probing, only for the model identity that finished cases are recorded with."""
@@ -260,7 +261,7 @@ def _predict_on_cluster(pool: Cluster, dataset_dir: Path, model: Path | None, in
     cases, problems = pending_cases(meta, input_dir.resolve(), output_dir, model_id, output_format,
                                     save_probabilities, uncertainty, overwrite)
     setup = functools.partial(_worker_predictors, str(model.resolve()) if model else None, str(dataset_dir.resolve()),
-                              configuration, folds, device, mirror, step, fast, precision)
+                              configuration, folds, device, mirror, step, fast, precision, engine)
     job = functools.partial(_worker_predict, output_dir=str(output_dir), model_id=model_id,
                             save_probabilities=save_probabilities, postprocess=postprocess,
                             output_format=output_format, uncertainty=uncertainty, review=review)
@@ -275,9 +276,9 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
             mirror: bool = True, step: float = 0.5, fast: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, postprocess: bool = True, precision: str = "auto",
             output_format: str = "nifti", uncertainty: bool = False, cluster: str | None = None,
-            cluster_workers: int | None = None) -> None:
+            cluster_workers: int | None = None, engine: str = "torch") -> None:
     """Predict every image of ``input_dir`` (a folder, an image file or a DICOM series folder or zip) with a model
-    trained here (``dataset``) or a bundle (``model``); ``precision`` as in :meth:`Predictor.from_trained`;
+    trained here (``dataset``) or a bundle (``model``); ``precision`` and ``engine`` as in :meth:`Predictor.from_trained`;
     ``output_format`` ``nifti`` or ``dicom-seg`` (checked against the input before a model is loaded);
     ``uncertainty`` adds the maps, lesion confidences and the review flag
     (:func:`~autoseg.inference.predictor.write_uncertainty`). Bad cases are raised together at the end. With
@@ -298,10 +299,10 @@ def predict(roots: Roots, input_dir: Path, output_dir: Path, dataset: str | None
                 problems = _predict_on_cluster(pool, dataset_dir, model, Path(input_dir), Path(output_dir),
                                                configuration, folds, device, mirror, step, fast, save_probabilities,
                                                overwrite, postprocess, precision, cluster_workers, output_format,
-                                               uncertainty)
+                                               uncertainty, engine)
             else:
                 predictors, postprocessing = load_predictors(dataset_dir, configuration, folds, device, mirror, step,
-                                                             fast, precision)
+                                                             fast, precision, engine)
                 review = review_thresholds(dataset_dir, predictors) if uncertainty else None
                 problems = predict_folder(predictors, Path(input_dir), Path(output_dir), save_probabilities,
                                           overwrite, postprocessing if postprocess else None, output_format,

@@ -8,7 +8,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
-    for name in ("phantom_stats.py", "bench_preprocess.py", "bench_train.py", "bench_predict.py", "bench_field.py",
+    for name in ("phantom_stats.py", "bench_preprocess.py", "bench_train.py", "bench_predict.py", "bench_slice.py", "bench_field.py",
                  "bench_accuracy.py"):
         print(f"\n== {name}", flush=True)
         sys.argv = [name]

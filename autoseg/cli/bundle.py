@@ -27,11 +27,15 @@ def run_export(args: argparse.Namespace) -> int:
     fingerprint = roots.preprocessed / name / FINGERPRINT_JSON
     use_fp = not args.no_fingerprint and fingerprint.is_file()
     manifest = write_bundle(roots.results / name, args.output, args.configurations, args.folds,
-                            fingerprint if use_fp else None)
+                            fingerprint if use_fp else None, args.onnx)
     size = sum(e["bytes"] for e in manifest["files"].values())
     print(f"wrote {args.output}: {name}, {_summary(manifest['selection'])} "
           f"({len(manifest['files'])} files, {_human(size)} unpacked)")
     print(f"  fingerprint: {fingerprint if use_fp else 'not included'}")
+    if "onnx" in manifest:
+        onnx = manifest["onnx"]
+        for rel, diff in onnx["max_abs_logit_diff"].items():
+            print(f"  {rel}: ONNX opset {onnx['opset']}, max |logit - torch| {diff:.2g} ({onnx['checked_with']})")
     return 0
 
 
@@ -67,6 +71,10 @@ def add_cli(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.Argument
                    help="folds to pack, e.g. 0 1 2 or all (default: every fold with checkpoint_final)")
     p.add_argument("--no-fingerprint", action="store_true",
                    help="leave out AUTOSEG_PREPROCESSED/DATASET/fingerprint.json (packed by default when present)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also pack each fold's network as ONNX (fold_<k>/checkpoint_final.onnx: opset 17, dynamic "
+                   "batch and spatial axes, input the preprocessed image, output logits), checked against torch on "
+                   "a random tile; needs pip install 'autoseg[onnx]'")
     p.set_defaults(func=run_export)
 
     q = subparsers.add_parser(

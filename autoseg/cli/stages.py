@@ -10,6 +10,7 @@ from typing import Any
 from .. import pipeline
 from ..atomic import write_json
 from ..io.outputs import OUTPUT_FORMATS
+from ..inference.engines import CHOICES
 from ..jsonfile import read_json
 from ..layout import PLANS_JSON
 from ..parallel import DEFAULT_WORKERS
@@ -62,7 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
     pipeline.predict(env_roots(), Path(args.input), Path(args.output), args.dataset, args.model, args.configuration,
                      args.folds, args.device, not args.no_tta, args.step, args.fast, args.save_probabilities,
                      args.overwrite, not args.no_postprocessing, args.precision, args.output_format, args.uncertainty,
-                     cluster_address(args.cluster), args.cluster_workers)
+                     cluster_address(args.cluster), args.cluster_workers, args.engine)
     print(f"predictions in {args.output}")
     return 0
 
@@ -212,6 +213,12 @@ def add_cli(sub: Any) -> None:
                    help="with --cluster: Ray workers (actors), each loading the model once and predicting one case at "
                    "a time (default: one per GPU of the cluster, else one per node; each reserves an equal share of "
                    "the CPUs)")
+    p.add_argument("--engine", choices=list(CHOICES), default="torch",
+                   help="what runs the network on each tile: torch (default); the network's ONNX export in "
+                   "onnxruntime (pip install 'autoseg[onnx]') or openvino ('autoseg[openvino]'), float32, its "
+                   "logits checked against torch's when loaded; or auto: time torch and every installed runtime on "
+                   "the CPU and use the fastest (a runtime only if 1.15x faster; torch on a GPU or where none is "
+                   "installed). Same sliding window, mirroring and weighting for all")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("ensemble", help="average saved probabilities of several predictions",
