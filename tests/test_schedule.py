@@ -75,3 +75,21 @@ def test_configuration_for_the_budget():
     assert choose_configuration({"3d_fullres": 10})[0] == "3d_fullres"  # nothing else planned
     with pytest.raises(AutosegError, match="plan_and_preprocess"):
         choose_configuration({})
+
+
+def test_rate_is_set_per_step_so_warmup_and_decay_fit_inside_long_epochs():
+    import math
+    from autoseg.training.trainer import epoch_rates
+    s = choose_schedule(1000)  # a time budget holding four default 250-iteration epochs
+    first = epoch_rates(s, 0, 0.0, 1000)
+    assert first(0) < first(25) < first(49) == pytest.approx(s.initial_lr)  # warm-up over 50 steps, not an epoch
+    last = epoch_rates(s, 750, 0.75, 1000)  # the last epoch starts at 75% of the run, before the decay
+    assert last(0) == pytest.approx(s.initial_lr)
+    assert last(100) == pytest.approx(s.initial_lr * 0.15 / DECAY_FRACTION)  # 85%: decaying
+    assert last(249) < 0.01 * s.initial_lr
+    # a run slower than estimated: the budget time already spent at the epoch's start wins
+    assert epoch_rates(s, 500, 0.9, 1000)(0) == pytest.approx(s.lr_at(500, 0.9))
+    # no time budget: the epochs are the run, the rate holds through an epoch (after the warm-up)
+    held = epoch_rates(s, 750, 0.75, math.inf)
+    assert held(0) == held(249) == pytest.approx(s.initial_lr)
+    assert epoch_rates(s, 0, 0.0, math.inf)(10) < s.initial_lr  # still warming up

@@ -112,14 +112,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_steps(model, loss_fn, optimizer, loader, iters, device, precision: Precision, scaler, grad_clip,
-                report: Callable[[int, float], None] | None = None) -> float:
+                report: Callable[[int, float], None] | None = None,
+                rate: Callable[[int], float] | None = None) -> float:
     """``iters`` optimizer steps on batches from ``loader``; returns the mean loss (also used by the benchmark).
 
-    ``report(i, loss)`` is called after each step (progress inside an epoch)."""
+    ``rate(i)`` is the learning rate of step ``i`` (set before it; None keeps the optimizer's); ``report(i, loss)`` is
+    called after each step (progress inside an epoch)."""
     model.train()
     _unwrap(model).deep_supervision = True
     total = 0.0
     for i in range(iters):
+        if rate is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = rate(i)
         batch = next(loader)
         x = batch["data"].to(device, non_blocking=True)
         targets = [t.to(device, non_blocking=True) for t in batch["target"]]
@@ -478,6 +483,22 @@ def _progress(state: dict[str, Any], epoch: int, iters: int, budget_s: float, se
     return report
 
 
+def epoch_rates(schedule: Schedule, done: int, progress: float, total: float) -> Callable[[int], float]:
+    """The learning rate of step ``i`` of an epoch that starts after ``done`` iterations at run progress ``progress``.
+
+    Set before every step, so the warm-up follows iterations even where one epoch is a large share of the run. With
+    a time budget the run is ``total`` iterations long (the schedule's saved estimate) and the decay follows
+    iterations too: a CPU budget of 1,000 iterations is four default 250-iteration epochs, and a rate set once per
+    epoch would never start the final decay. Without one (``total`` infinite) the run is its epochs long and the
+    rate holds through an epoch, so ``--continue`` with more epochs replays the rates of the longer run. Only saved
+    state goes in, so a resumed run replays the same rates."""
+    def rate(i: int) -> float:
+        n = done + i
+        return schedule.lr_at(n, max(progress, n / total))
+
+    return rate
+
+
 def _should_stop(state: dict[str, Any], opts: TrainOptions, budget_s: float) -> tuple[bool, float]:
     """(whether to stop, training progress in [0, 1]): epochs done or time spent, whichever is further."""
     progress = max(state["epoch"] / opts.epochs, state["elapsed"] / budget_s)
@@ -487,15 +508,15 @@ def _should_stop(state: dict[str, Any], opts: TrainOptions, budget_s: float) -> 
 
 def _run_epoch(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, opts: TrainOptions, fold: int | str, epoch: int,
-               regions: list[list[int]] | None, n_out: int, report: Callable[[int, float], None] | None
-               ) -> tuple[float, float, torch.Tensor]:
+               regions: list[list[int]] | None, n_out: int, report: Callable[[int, float], None] | None,
+               rate: Callable[[int], float]) -> tuple[float, float, torch.Tensor]:
     """One epoch of training and patch validation: (train loss, validation loss, summed TP/FP/FN per class)."""
     seed = _epoch_seed(opts.seed, fold, epoch, setup.rank)
     train_loader = _loader(setup, seed, True, setup.workers, regions)
     val_loader = _loader(setup, seed + 1, False, 0, regions)
     try:
         train_loss = train_steps(model, loss_fn, optimizer, train_loader, opts.iters_per_epoch, setup.device,
-                                 setup.precision, scaler, opts.grad_clip, report)
+                                 setup.precision, scaler, opts.grad_clip, report, rate)
         val_loss, counts = _val_epoch(model, loss_fn, val_loader, opts.val_iters, setup.device, setup.precision,
                                       regions is not None, n_out)
     finally:
@@ -590,13 +611,13 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         stop, progress = _should_stop(state, opts, budget_s)
         if stop:
             break
-        lr = setup.schedule.lr_at(state["iterations"], progress)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        rate = epoch_rates(setup.schedule, state["iterations"], progress,
+                           max(setup.schedule.budget_iters, 1) if opts.time_budget_min else math.inf)
+        lr = rate(0)
         report = _progress(state, epoch, opts.iters_per_epoch, budget_s, setup_info) if setup.rank == 0 else None
         t0 = time.perf_counter()
         train_loss, val_loss, counts = _run_epoch(setup, model, loss_fn, optimizer, scaler, opts, fold, epoch,
-                                                  regions, n_out, report)
+                                                  regions, n_out, report, rate)
         _record_epoch(state, epoch, lr, time.perf_counter() - t0, train_loss, val_loss, pseudo_dice(counts),
                       opts.iters_per_epoch)
         if setup.rank == 0:
