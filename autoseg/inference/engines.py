@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import AutosegError
 from ..precision import MIN_GAIN, Precision
+from .identity import weights_digest
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 CHOICES = ("auto", *ENGINES)
@@ -72,10 +73,16 @@ def export_onnx(net: nn.Module, in_channels: int, patch: Sequence[int]) -> bytes
 
 class RuntimeNetwork(nn.Module):
     """An exported network run by another runtime, called like the torch network: a (B, C, *patch) float32 tile
-    batch in, (B, num_outputs, *patch) float32 logits out, on the tiles' device."""
+    batch in, (B, num_outputs, *patch) float32 logits out, on the tiles' device.
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], num_outputs: int, engine: str):
+    Its only state is ``source_weights``, the digest of the torch weights it was exported from, so that what reads
+    a network's state (the model identity recorded beside predictions) tells two runtime networks apart exactly as
+    it tells their torch networks apart."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], num_outputs: int, engine: str,
+                 source_weights: bytes):
         super().__init__()
+        self.register_buffer("source_weights", torch.tensor(list(source_weights), dtype=torch.uint8))
         self._run = run
         self.num_outputs = num_outputs
         self.engine = engine
@@ -132,7 +139,7 @@ def runtime_network(engine: str, net: nn.Module, in_channels: int, patch: Sequen
     model = model if model is not None else export_onnx(net, in_channels, patch)
     run = (_onnxruntime(model, threads, device) if engine == "onnxruntime"
            else _openvino(model, threads, device, in_channels, patch))
-    return RuntimeNetwork(run, int(net.num_outputs), engine)
+    return RuntimeNetwork(run, int(net.num_outputs), engine, weights_digest(net))
 
 
 @torch.inference_mode()

@@ -24,6 +24,13 @@ def _weights(h: Any, net: nn.Module) -> None:
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def weights_digest(net: nn.Module) -> bytes:
+    """SHA-256 of a network's weights and buffers as loaded (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    _weights(h, net)
+    return h.digest()
+
+
 def model_identity(predictors: Sequence[Any], postprocessing: dict | None) -> str:
     """A SHA-256 hex digest of what the :class:`~autoseg.inference.predictor.Predictor` s (averaged, in order)
     and the postprocessing would predict with."""
