@@ -2,6 +2,7 @@
 and postprocessing, all from known masks (no training)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,14 +45,21 @@ def write_cv(results, config: str, preds: dict[str, np.ndarray], folds=("0", "1"
         (folder / "summary.json").write_text(json.dumps({"dice_per_case": {c: {} for c in mine}}))
 
 
-@pytest.fixture()
-def layout(tmp_path, monkeypatch):
+def _dataset_roots(tmp_path, monkeypatch) -> Path:
+    """The three roots under ``tmp_path`` in the environment, the preprocessed dataset.json and an empty labelsTr
+    (returned)."""
     for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
         monkeypatch.setenv(k, str(tmp_path / sub))
     labels = tmp_path / "raw" / NAME / "labelsTr"
     labels.mkdir(parents=True)
     (tmp_path / "pp" / NAME).mkdir(parents=True)
     (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    return labels
+
+
+@pytest.fixture()
+def layout(tmp_path, monkeypatch):
+    labels = _dataset_roots(tmp_path, monkeypatch)
     refs = {c: reference(i) for i, c in enumerate(CASES)}
     for c, ref in refs.items():
         write_image(labels / f"{c}.nii.gz", ref, GEO)
@@ -107,11 +115,7 @@ def test_cli_writes_inference_plan_and_prints_table(layout, capsys):
 
 
 def test_no_validation_results_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
-        monkeypatch.setenv(k, str(tmp_path / sub))
-    (tmp_path / "raw" / NAME).mkdir(parents=True)
-    (tmp_path / "pp" / NAME).mkdir(parents=True)
-    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    _dataset_roots(tmp_path, monkeypatch)
     (tmp_path / "results" / NAME / "3d_fullres").mkdir(parents=True)
     assert main(["find_best_configuration", "-d", NAME]) == 1
     assert "no configuration has validation results" in capsys.readouterr().err
@@ -123,12 +127,7 @@ def test_review_threshold_calibrated_on_cross_validation(tmp_path, monkeypatch, 
     from autoseg.inference.uncertainty import expected_dice
     from autoseg.jsonfile import read_json
 
-    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
-        monkeypatch.setenv(k, str(tmp_path / sub))
-    labels = tmp_path / "raw" / NAME / "labelsTr"
-    labels.mkdir(parents=True)
-    (tmp_path / "pp" / NAME).mkdir(parents=True)
-    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    labels = _dataset_roots(tmp_path, monkeypatch)
     estimates = {}
     for i, c in enumerate(CASES):
         ref = reference(0)
@@ -179,11 +178,7 @@ def test_folds_without_final_checkpoint_are_ignored(layout):
 
 
 def test_only_unfinished_folds_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    for k, sub in (("AUTOSEG_RAW", "raw"), ("AUTOSEG_PREPROCESSED", "pp"), ("AUTOSEG_RESULTS", "results")):
-        monkeypatch.setenv(k, str(tmp_path / sub))
-    (tmp_path / "raw" / NAME / "labelsTr").mkdir(parents=True)
-    (tmp_path / "pp" / NAME).mkdir(parents=True)
-    (tmp_path / "pp" / NAME / "dataset.json").write_text(json.dumps(META))
+    _dataset_roots(tmp_path, monkeypatch)
     write_cv(tmp_path / "results", "3d_fullres", {c: reference(i) for i, c in enumerate(CASES)}, final=False)
     assert main(["find_best_configuration", "-d", NAME]) == 1
     err = capsys.readouterr().err
