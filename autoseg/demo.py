@@ -2,8 +2,9 @@
 
 phantom -> plan_and_preprocess -> configure (measure what the budget holds of ``3d_fullres`` and ``2d`` and pick
 one, :func:`~autoseg.training.schedule.choose_configuration`) -> train (time-budgeted) -> predict the test cases ->
-evaluate -> report, each step through the same pipeline functions as its command, in a self-contained folder (its own raw, preprocessed and
-results roots). At the end it prints the Dice table, checks the demo's quality targets and says where the report is.
+evaluate -> report, each step through the same pipeline functions as its command, in a self-contained folder (its
+own raw, preprocessed and results roots). At the end it prints the Dice table, checks the demo's quality targets and
+says where the report is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import pipeline
 from .errors import AutosegError
@@ -24,6 +25,7 @@ from .phantom import write_dataset
 from .training.schedule import choose_configuration
 from .training.trainer import TrainOptions
 
+T = TypeVar("T")
 NAME = "Dataset501_AbdomenPhantom"
 # What the demo must reach on the phantom (issue: evaluation and demo); checked and printed, never hidden.
 TARGETS = {"liver": 0.93, "kidney": 0.93, "liver_tumor": 0.60, "kidney_tumor": 0.60}
@@ -74,6 +76,27 @@ def _choose(roots: Roots, opts: TrainOptions) -> str:
     return chosen
 
 
+def _train(roots: Roots, configuration: str, opts: TrainOptions) -> None:
+    """Train the demo's fold, continuing a started one; a finished model is kept (a rerun goes on to predict)."""
+    fold = fold_dir(roots.results / NAME / configuration, "all")
+    if checkpoint_file(fold, "final").is_file():
+        print(f"already trained: {fold}")
+        return
+    pipeline.train(roots, NAME, configuration, "all", replace(opts, continue_training=state_file(fold).is_file()))
+
+
+def _step(timings: list[tuple[str, float]], name: str, step: Callable[[], T]) -> T:
+    """Run one demo step under its heading, add its seconds to ``timings`` and name it in an error."""
+    print(f"\n== {name}", flush=True)
+    t = time.perf_counter()
+    try:
+        result = step()
+    except AutosegError as e:
+        raise AutosegError(f"demo step '{name}' failed: {e}; fix it and rerun `autoseg demo`") from None
+    timings.append((name, time.perf_counter() - t))
+    return result
+
+
 def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget: float = 11.0, epochs: int = 1000,
              iters_per_epoch: int = 25, val_iters: int = 4, seed: int = 0, device: str = "auto",
              tta: bool = False) -> bool:
@@ -85,44 +108,22 @@ def run_demo(out: Path, train_cases: int = 24, test_cases: int = 8, time_budget:
     pred, evaluation, report = out / "predictions", out / "evaluation", out / "report"
     opts = TrainOptions(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                         time_budget_min=time_budget, device=device, seed=seed, validate=False)
-    chosen: list[str] = []  # the configuration, once the configure step has measured it
-
-    def configure() -> None:
-        chosen.append(_choose(roots, opts))
-
-    def train() -> None:
-        fold = fold_dir(roots.results / NAME / chosen[0], "all")
-        if checkpoint_file(fold, "final").is_file():  # a finished model: a rerun goes straight to prediction
-            print(f"already trained: {fold}")
-            return
-        pipeline.train(roots, NAME, chosen[0], "all", replace(opts, continue_training=state_file(fold).is_file()))
-
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("phantom", partial(write_dataset, roots.raw, train_cases, seed, "demo", test_cases, NAME)),
-        ("plan_and_preprocess", partial(pipeline.plan_and_preprocess, roots, NAME, ["3d_fullres"], 2,
-                                        device="gpu" if device == "cuda" else "auto")),
-        ("configure", configure),
-        ("train", train),
-        ("predict", lambda: pipeline.predict(roots, raw / IMAGES_TS, pred, dataset=NAME, configuration=chosen[0],
-                                             device=device, mirror=tta)),
-        ("evaluate", partial(pipeline.evaluate, roots, raw / LABELS_TS, pred, evaluation, dataset=NAME,
-                             num_workers=DEFAULT_WORKERS)),
-        ("report", partial(pipeline.report, roots, pred, report, raw / IMAGES_TS, dataset=NAME,
-                           num_workers=DEFAULT_WORKERS)),
-    ]
     start = time.perf_counter()
-    timings = []
-    for name, step in steps:
-        print(f"\n== {name}", flush=True)
-        t = time.perf_counter()
-        try:
-            step()
-        except AutosegError as e:
-            raise AutosegError(f"demo step '{name}' failed: {e}; fix it and rerun `autoseg demo`") from None
-        timings.append((name, time.perf_counter() - t))
+    timings: list[tuple[str, float]] = []
+    _step(timings, "phantom", partial(write_dataset, roots.raw, train_cases, seed, "demo", test_cases, NAME))
+    _step(timings, "plan_and_preprocess", partial(pipeline.plan_and_preprocess, roots, NAME, ["3d_fullres"], 2,
+                                                  device="gpu" if device == "cuda" else "auto"))
+    chosen = _step(timings, "configure", partial(_choose, roots, opts))
+    _step(timings, "train", partial(_train, roots, chosen, opts))
+    _step(timings, "predict", partial(pipeline.predict, roots, raw / IMAGES_TS, pred, dataset=NAME,
+                                      configuration=chosen, device=device, mirror=tta))
+    _step(timings, "evaluate", partial(pipeline.evaluate, roots, raw / LABELS_TS, pred, evaluation, dataset=NAME,
+                                       num_workers=DEFAULT_WORKERS))
+    _step(timings, "report", partial(pipeline.report, roots, pred, report, raw / IMAGES_TS, dataset=NAME,
+                                     num_workers=DEFAULT_WORKERS))
     summary = read_json(evaluation / SUMMARY_JSON, "rerun `autoseg demo` (it evaluates again)")
     lines, ok = quality_table(summary)
-    print(f"\n== demo quality on the held-out test cases ({chosen[0]})")
+    print(f"\n== demo quality on the held-out test cases ({chosen})")
     print("\n".join(lines))
     print("\n== time per step: " + ", ".join(f"{n} {s:.0f} s" for n, s in timings)
           + f"; total {time.perf_counter() - start:.0f} s")

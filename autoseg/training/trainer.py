@@ -390,16 +390,24 @@ def _estimate(setup: _Setup, model: torch.nn.Module, loss_fn: SegmentationLoss, 
     return precision, load_s, iter_s, budget_iterations(budget_s, iter_s, opts.epochs * opts.iters_per_epoch)
 
 
+def _network(setup: _Setup, opts: TrainOptions, n_out: int, regions: list[list[int]] | None
+             ) -> tuple[torch.nn.Module, SegmentationLoss]:
+    """The planned network on the setup's device, seeded with ``opts.seed`` (the same initial weights on every run
+    and rank), and its deep-supervised loss."""
+    torch.manual_seed(opts.seed)
+    model = build_network(setup.config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(setup.device)
+    loss_fn = SegmentationLoss(len(setup.config["network"]["strides"]) - 1, batch_dice=setup.config["dims"] == 3,
+                               regions=regions is not None)
+    return model, loss_fn
+
+
 def estimate_run(dataset: str, configuration: str, opts: TrainOptions, roots: Roots) -> dict[str, Any]:
     """What a run of ``configuration`` on every case would get, measured as ``train_fold`` measures it before its
     first epoch (precision, seconds per iteration, iterations ``opts``' budget holds); trains and writes nothing."""
     setup = _prepare(dataset, configuration, "all", roots, opts.encoder, create=False)
     _choose_device(setup, opts)
     n_out, regions, _ = label_layout(setup.meta)
-    torch.manual_seed(opts.seed)
-    model = build_network(setup.config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(setup.device)
-    loss_fn = SegmentationLoss(len(setup.config["network"]["strides"]) - 1, batch_dice=setup.config["dims"] == 3,
-                               regions=regions is not None)
+    model, loss_fn = _network(setup, opts, n_out, regions)
     precision, _, iter_s, total = _estimate(setup, model, loss_fn, opts, regions)
     return {"configuration": configuration, "precision": precision.to_json(), "iteration_s": iter_s,
             "iterations": total}
@@ -575,11 +583,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, opts: TrainOpt
         checkpoint_file(out, "final").unlink(missing_ok=True)
     n_out, regions, rco = label_layout(setup.meta)
     names = output_names(setup.meta)
-    torch.manual_seed(opts.seed)
-    model = build_network(config, len(setup.meta["channel_names"]), n_out, opts.encoder).to(device)
+    model, loss_fn = _network(setup, opts, n_out, regions)
     initialised = None if opts.init_from is None or opts.continue_training else init_from(model, config, opts.init_from)
-    loss_fn = SegmentationLoss(len(config["network"]["strides"]) - 1, batch_dice=config["dims"] == 3,
-                               regions=regions is not None)
     state: dict[str, Any] = {"epoch": 0, "ema": None, "best": -1.0, "elapsed": 0.0, "iterations": 0, "log": []}
     if opts.continue_training:
         setup_info, optimizer_state, rng = _resume(setup, model, opts, state)
